@@ -1,0 +1,254 @@
+//! The guest-physical memory map and fixed I/O ports: every address zvmm
+//! places something at lives here, and nowhere else.
+//!
+//! ```text
+//! 0x0000_0000  real-mode IVT / BIOS data area (RAM)
+//! 0x0000_0500  boot GDT (64-bit Linux boot)
+//! 0x0000_0520  boot IDT (empty)
+//! 0x0000_6000  PVH start info, then its memory map and module list
+//! 0x0000_7000  Linux zero page (boot_params)
+//! 0x0000_8ff0  boot stack pointer
+//! 0x0000_9000  PML4, PDPTE, PDE (identity map of the first 1 GiB)
+//! 0x0002_0000  kernel command line (up to CMDLINE_MAX_SIZE)
+//! 0x0009_fc00  EBDA start: [EBDA, 1 MiB) is reserved, not RAM
+//! 0x000e_0000  ACPI: RSDP, then XSDT, FADT, DSDT, MADT, ...
+//! 0x0010_0000  high RAM: kernel image, then free RAM; initrd at the top of
+//!              low RAM, page-aligned
+//! 0xc000_0000  32-bit MMIO hole up to 4 GiB:
+//!   0xc000_0000  PCI 32-bit MMIO window (512 MiB)
+//!   0xe000_0000  PCI ECAM (256 MiB, buses 0-255)
+//!   0xfec0_0000  IOAPIC
+//!   0xfee0_0000  local APICs
+//! 0x1_0000_0000 RAM above 4 GiB (whatever did not fit below the hole)
+//! ```
+
+/// Size of a guest page.
+pub const PAGE_SIZE: u64 = 0x1000;
+
+/// Boot GDT for the 64-bit Linux boot protocol.
+pub const BOOT_GDT_START: u64 = 0x500;
+/// Boot IDT (left empty) for the 64-bit Linux boot protocol.
+pub const BOOT_IDT_START: u64 = 0x520;
+/// PVH `hvm_start_info`, followed by its memory map and module list.
+pub const PVH_INFO_START: u64 = 0x6000;
+/// Linux `boot_params` ("zero page").
+pub const ZERO_PAGE_START: u64 = 0x7000;
+/// Initial stack pointer for the boot vCPU.
+pub const BOOT_STACK_POINTER: u64 = 0x8ff0;
+/// Identity-mapping page tables for the 64-bit Linux boot protocol.
+pub const PML4_START: u64 = 0x9000;
+/// Page-directory-pointer table (follows the PML4).
+pub const PDPTE_START: u64 = 0xa000;
+/// Page directory of 2 MiB pages (follows the PDPTE).
+pub const PDE_START: u64 = 0xb000;
+/// Kernel command line.
+pub const CMDLINE_START: u64 = 0x2_0000;
+/// Largest command line zvmm passes, terminating NUL included.
+pub const CMDLINE_MAX_SIZE: usize = 0x1_0000;
+
+/// Start of the extended BIOS data area; low RAM ends here.
+pub const EBDA_START: u64 = 0x9_fc00;
+/// ACPI tables: the RSDP comes first (Linux also scans 0xe0000-0xfffff).
+pub const ACPI_START: u64 = 0xe_0000;
+/// End (exclusive) of the ACPI table area.
+pub const ACPI_END: u64 = 0x10_0000;
+/// First byte of RAM above 1 MiB: where kernels are loaded.
+pub const HIGH_RAM_START: u64 = 0x10_0000;
+
+/// Start of the 32-bit MMIO hole; RAM stops here and resumes at 4 GiB.
+pub const MMIO32_START: u64 = 0xc000_0000;
+/// Size of the 32-bit MMIO hole.
+pub const MMIO32_SIZE: u64 = FOUR_GIB - MMIO32_START;
+/// PCI 32-bit memory window for device BARs.
+pub const PCI_MMIO32_START: u64 = MMIO32_START;
+/// Size of the PCI 32-bit memory window.
+pub const PCI_MMIO32_SIZE: u64 = 0x2000_0000;
+/// PCI Express enhanced configuration (ECAM) window.
+pub const PCI_ECAM_START: u64 = 0xe000_0000;
+/// Size of the ECAM window: 256 buses of 1 MiB.
+pub const PCI_ECAM_SIZE: u64 = 0x1000_0000;
+/// IOAPIC registers (the in-kernel IOAPIC answers here).
+pub const IOAPIC_START: u64 = 0xfec0_0000;
+/// Local APIC registers (the in-kernel LAPICs answer here).
+pub const APIC_START: u64 = 0xfee0_0000;
+/// 4 GiB: where RAM that did not fit below the hole continues.
+pub const FOUR_GIB: u64 = 0x1_0000_0000;
+/// Start of the 64-bit PCI memory window, placed right above the top of RAM
+/// rounded up to this alignment.
+pub const PCI_MMIO64_ALIGN: u64 = 0x40_0000_0000;
+/// Size of the 64-bit PCI memory window.
+pub const PCI_MMIO64_SIZE: u64 = 0x40_0000_0000;
+
+/// Fixed I/O ports of the platform devices.
+pub mod ports {
+    /// COM1 8250 UART (8 ports).
+    pub const COM1: u16 = 0x3f8;
+    /// COM1's ISA interrupt line.
+    pub const COM1_IRQ: u32 = 4;
+    /// CMOS/RTC index and data ports (2 ports).
+    pub const CMOS: u16 = 0x70;
+    /// CMOS/RTC interrupt line.
+    pub const CMOS_IRQ: u32 = 8;
+    /// i8042 data port.
+    pub const I8042_DATA: u16 = 0x60;
+    /// i8042 command/status port; writing 0xfe resets the machine.
+    pub const I8042_COMMAND: u16 = 0x64;
+    /// POST diagnostic port, ignored.
+    pub const POST_CODE: u16 = 0x80;
+    /// ACPI hardware-reduced power management block (3 ports):
+    /// +0 sleep control, +1 sleep status, +2 reset register.
+    pub const ACPI_PM_BASE: u16 = 0x600;
+    /// Sleep control register (FADT SLEEP_CONTROL_REG).
+    pub const ACPI_SLEEP_CONTROL: u16 = ACPI_PM_BASE;
+    /// Sleep status register (FADT SLEEP_STATUS_REG).
+    pub const ACPI_SLEEP_STATUS: u16 = ACPI_PM_BASE + 1;
+    /// Reset register (FADT RESET_REG).
+    pub const ACPI_RESET: u16 = ACPI_PM_BASE + 2;
+    /// Value the guest writes to the reset register to reset.
+    pub const ACPI_RESET_VALUE: u8 = 0x1;
+    /// Number of ports in the ACPI PM block.
+    pub const ACPI_PM_LEN: u16 = 3;
+    /// SLP_TYP value that `_S5_` advertises: soft-off.
+    pub const ACPI_S5_SLP_TYP: u8 = 5;
+}
+
+/// One range of the guest's physical memory map, as reported to the guest
+/// (e820 / PVH memory map).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MemoryRange {
+    /// First guest-physical address.
+    pub start: u64,
+    /// Length in bytes.
+    pub size: u64,
+    /// What the range is.
+    pub kind: MemoryKind,
+}
+
+/// Type of a memory-map range, with e820 numbering.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum MemoryKind {
+    /// Usable RAM.
+    Ram = 1,
+    /// Reserved: not RAM and not to be touched.
+    Reserved = 2,
+    /// ACPI tables, reclaimable after they are parsed.
+    Acpi = 3,
+}
+
+/// The RAM regions backing `ram_size` bytes of guest memory: below the
+/// 32-bit hole first, the remainder from 4 GiB.
+pub fn ram_regions(ram_size: u64) -> Vec<(u64, u64)> {
+    let low = ram_size.min(MMIO32_START);
+    let mut regions = vec![(0, low)];
+    if ram_size > low {
+        regions.push((FOUR_GIB, ram_size - low));
+    }
+    regions
+}
+
+/// Top (exclusive) of the RAM below the 32-bit MMIO hole.
+pub fn low_ram_end(ram_size: u64) -> u64 {
+    ram_size.min(MMIO32_START)
+}
+
+/// First address past all RAM.
+pub fn ram_end(ram_size: u64) -> u64 {
+    match ram_regions(ram_size).last() {
+        Some(&(start, size)) => start + size,
+        None => 0,
+    }
+}
+
+/// Start of the 64-bit PCI MMIO window: the first aligned address above RAM.
+pub fn pci_mmio64_start(ram_size: u64) -> u64 {
+    ram_end(ram_size).max(FOUR_GIB).next_multiple_of(PCI_MMIO64_ALIGN)
+}
+
+/// The memory map the guest is told about (e820 on the Linux boot protocol,
+/// the PVH memory map otherwise), sorted by address.
+pub fn memory_map(ram_size: u64) -> Vec<MemoryRange> {
+    let low_end = low_ram_end(ram_size);
+    let mut map = vec![
+        MemoryRange {
+            start: 0,
+            size: EBDA_START,
+            kind: MemoryKind::Ram,
+        },
+        MemoryRange {
+            start: EBDA_START,
+            size: ACPI_START - EBDA_START,
+            kind: MemoryKind::Reserved,
+        },
+        MemoryRange {
+            start: ACPI_START,
+            size: ACPI_END - ACPI_START,
+            kind: MemoryKind::Acpi,
+        },
+    ];
+    if low_end > HIGH_RAM_START {
+        map.push(MemoryRange {
+            start: HIGH_RAM_START,
+            size: low_end - HIGH_RAM_START,
+            kind: MemoryKind::Ram,
+        });
+    }
+    map.push(MemoryRange {
+        start: PCI_ECAM_START,
+        size: PCI_ECAM_SIZE,
+        kind: MemoryKind::Reserved,
+    });
+    if let Some(&(start, size)) = ram_regions(ram_size).get(1) {
+        map.push(MemoryRange {
+            start,
+            size,
+            kind: MemoryKind::Ram,
+        });
+    }
+    map
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn small_guest_has_no_high_ram() {
+        assert_eq!(ram_regions(512 << 20), vec![(0, 512 << 20)]);
+        assert_eq!(ram_end(512 << 20), 512 << 20);
+    }
+
+    #[test]
+    fn large_guest_is_split_around_the_hole() {
+        let regions = ram_regions(4 << 30);
+        assert_eq!(regions, vec![(0, MMIO32_START), (FOUR_GIB, (4 << 30) - MMIO32_START)]);
+        assert_eq!(ram_end(4 << 30), FOUR_GIB + (1 << 30));
+    }
+
+    #[test]
+    fn memory_map_is_sorted_and_disjoint() {
+        for size in [64u64 << 20, 3 << 30, 8 << 30] {
+            let map = memory_map(size);
+            for pair in map.windows(2) {
+                assert!(pair[0].start + pair[0].size <= pair[1].start, "{pair:?}");
+            }
+            let ram: u64 = map
+                .iter()
+                .filter(|r| r.kind == MemoryKind::Ram)
+                .map(|r| r.size)
+                .sum();
+            assert_eq!(ram, size - (HIGH_RAM_START - EBDA_START));
+        }
+    }
+
+    #[test]
+    fn fixed_areas_do_not_overlap() {
+        assert!(PVH_INFO_START + PAGE_SIZE <= ZERO_PAGE_START);
+        assert!(ZERO_PAGE_START + PAGE_SIZE <= BOOT_STACK_POINTER);
+        assert!(PDE_START + PAGE_SIZE <= CMDLINE_START);
+        assert!(CMDLINE_START + CMDLINE_MAX_SIZE as u64 <= EBDA_START);
+        assert!(PCI_MMIO32_START + PCI_MMIO32_SIZE <= PCI_ECAM_START);
+        assert!(PCI_ECAM_START + PCI_ECAM_SIZE <= IOAPIC_START);
+        assert!(pci_mmio64_start(8 << 30) >= ram_end(8 << 30));
+    }
+}
