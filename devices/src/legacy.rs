@@ -8,9 +8,13 @@
 //! devices; bytes that fall outside the device window read as `0xff`
 //! (nothing answers) and are dropped on write.
 
+pub mod acpi_pm;
+pub mod i8042;
 pub mod ignored;
 pub mod serial;
 
+pub use acpi_pm::AcpiPm;
+pub use i8042::I8042;
 pub use ignored::Ignored;
 pub use serial::{ObservedWriter, Serial, SerialError};
 
