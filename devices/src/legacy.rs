@@ -9,11 +9,13 @@
 //! (nothing answers) and are dropped on write.
 
 pub mod acpi_pm;
+pub mod cmos;
 pub mod i8042;
 pub mod ignored;
 pub mod serial;
 
 pub use acpi_pm::AcpiPm;
+pub use cmos::{Cmos, SystemClock, WallClock};
 pub use i8042::I8042;
 pub use ignored::Ignored;
 pub use serial::{ObservedWriter, Serial, SerialError};
