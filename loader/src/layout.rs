@@ -162,7 +162,9 @@ pub fn ram_end(ram_size: u64) -> u64 {
 
 /// Start of the 64-bit PCI MMIO window: the first aligned address above RAM.
 pub fn pci_mmio64_start(ram_size: u64) -> u64 {
-    ram_end(ram_size).max(FOUR_GIB).next_multiple_of(PCI_MMIO64_ALIGN)
+    ram_end(ram_size)
+        .max(FOUR_GIB)
+        .next_multiple_of(PCI_MMIO64_ALIGN)
 }
 
 /// The memory map the guest is told about (e820 on the Linux boot protocol,
@@ -208,6 +210,15 @@ pub fn memory_map(ram_size: u64) -> Vec<MemoryRange> {
     map
 }
 
+/// Number of inputs of the in-kernel IOAPIC (GSIs 0-23).
+pub const IOAPIC_NUM_PINS: u32 = 24;
+/// IOAPIC input (GSI) the i8254 PIT, ISA IRQ 0, is delivered on. KVM's
+/// default GSI routing (in effect unless the VMM calls `KVM_SET_GSI_ROUTING`)
+/// wires GSI n to IOAPIC pin n, so the PIT is on pin 0. QEMU instead routes
+/// GSI 0 to pin 2; a VMM doing that sets 2 here and the MADT then carries an
+/// IRQ0 -> GSI 2 interrupt source override.
+pub const PIT_GSI: u32 = 0;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -221,7 +232,10 @@ mod tests {
     #[test]
     fn large_guest_is_split_around_the_hole() {
         let regions = ram_regions(4 << 30);
-        assert_eq!(regions, vec![(0, MMIO32_START), (FOUR_GIB, (4 << 30) - MMIO32_START)]);
+        assert_eq!(
+            regions,
+            vec![(0, MMIO32_START), (FOUR_GIB, (4 << 30) - MMIO32_START)]
+        );
         assert_eq!(ram_end(4 << 30), FOUR_GIB + (1 << 30));
     }
 
