@@ -12,7 +12,9 @@ use acpi_tables::aml::{Device, EISAName, Interrupt, Name, Package, ResourceTempl
 use acpi_tables::sdt::Sdt;
 use acpi_tables::Aml;
 
-use super::{aml_bytes, oem_table_id, AcpiError, PlatformDevice, HEADER_LEN, OEM_ID, OEM_REVISION};
+use super::{
+    aml_bytes, oem_table_id, pci, AcpiError, PlatformDevice, HEADER_LEN, OEM_ID, OEM_REVISION,
+};
 use crate::layout::{self, ports};
 
 /// DSDT revision 2: integers are 64 bits wide.
@@ -23,15 +25,16 @@ const SERIAL_PORTS: u16 = 8;
 const RTC_PORTS: u16 = 2;
 
 /// How devices of one kind are named and identified.
-struct DeviceKind {
+pub(super) struct DeviceKind {
     /// Name for errors.
-    label: &'static str,
+    pub(super) label: &'static str,
     /// AML name prefix; hex digits fill the name up to 4 characters.
-    prefix: &'static str,
-    /// Index (and `_UID`) of the first device.
-    first: u32,
+    pub(super) prefix: &'static str,
+    /// Index of the first device's name, and its `_UID` if it is the first
+    /// device with this `_HID`.
+    pub(super) first: u32,
     /// EISA ID for `_HID`.
-    hid: &'static str,
+    pub(super) hid: &'static str,
 }
 
 const SERIAL: DeviceKind = DeviceKind {
@@ -65,26 +68,31 @@ impl DeviceKind {
     }
 }
 
-/// Hands out AML names and `_UID`s per device kind.
+/// Hands out AML names per name prefix and `_UID`s per `_HID`, so that
+/// devices sharing a `_HID` (motherboard resources) get distinct `_UID`s.
 #[derive(Default)]
-struct DeviceIds {
-    used: BTreeMap<&'static str, u32>,
+pub(super) struct DeviceIds {
+    names: BTreeMap<&'static str, u32>,
+    uids: BTreeMap<&'static str, u32>,
 }
 
 impl DeviceIds {
     /// The next (name, `_UID`) of `kind`, e.g. `COM1`/1 then `COM2`/2.
-    fn next(&mut self, kind: &DeviceKind) -> Result<(String, u32), AcpiError> {
-        let used = self.used.entry(kind.prefix).or_insert(0);
-        if *used >= kind.max_count() {
+    pub(super) fn next(&mut self, kind: &DeviceKind) -> Result<(String, u32), AcpiError> {
+        let named = self.names.entry(kind.prefix).or_insert(0);
+        if *named >= kind.max_count() {
             return Err(AcpiError::TooManyDevices {
                 kind: kind.label,
                 max: kind.max_count(),
             });
         }
-        let uid = kind.first + *used;
-        *used += 1;
+        let index = kind.first + *named;
+        *named += 1;
         let width = kind.digits() as usize;
-        Ok((format!("{}{uid:0width$X}", kind.prefix), uid))
+        let uids = self.uids.entry(kind.hid).or_insert(0);
+        let uid = kind.first + *uids;
+        *uids += 1;
+        Ok((format!("{}{index:0width$X}", kind.prefix), uid))
     }
 }
 
@@ -113,17 +121,25 @@ fn check_irq(kind: &DeviceKind, irq: u32) -> Result<(), AcpiError> {
 }
 
 /// `Device (name) { _HID, _UID, _CRS }` with `resources` in `_CRS`.
-fn device(name: &str, kind: &DeviceKind, uid: u32, resources: Vec<&dyn Aml>) -> Vec<u8> {
-    let hid = EISAName::new(kind.hid);
-    let crs = ResourceTemplate::new(resources);
-    aml_bytes(&Device::new(
-        name.into(),
-        vec![
-            &Name::new("_HID".into(), &hid),
-            &Name::new("_UID".into(), &uid),
-            &Name::new("_CRS".into(), &crs),
-        ],
-    ))
+pub(super) fn device(name: &str, kind: &DeviceKind, uid: u32, resources: Vec<&dyn Aml>) -> Vec<u8> {
+    device_with(name, kind, uid, Vec::new(), resources)
+}
+
+/// `Device (name) { _HID, _UID, others..., _CRS }`.
+pub(super) fn device_with(
+    name: &str,
+    kind: &DeviceKind,
+    uid: u32,
+    others: Vec<&dyn Aml>,
+    resources: Vec<&dyn Aml>,
+) -> Vec<u8> {
+    let hid = Name::new("_HID".into(), &EISAName::new(kind.hid));
+    let uid = Name::new("_UID".into(), &uid);
+    let crs = Name::new("_CRS".into(), &ResourceTemplate::new(resources));
+    let mut children: Vec<&dyn Aml> = vec![&hid, &uid];
+    children.extend(others);
+    children.push(&crs);
+    aml_bytes(&Device::new(name.into(), children))
 }
 
 /// A fixed range of `len` I/O ports at `port`.
@@ -169,6 +185,7 @@ fn device_aml(ids: &mut DeviceIds, device: &PlatformDevice) -> Result<Vec<u8>, A
         PlatformDevice::Serial { port, irq } => isa_device(ids, &SERIAL, port, SERIAL_PORTS, irq),
         PlatformDevice::Rtc { port, irq } => isa_device(ids, &RTC, port, RTC_PORTS, irq),
         PlatformDevice::PowerManagement { base, len } => pm_block(ids, base, len),
+        PlatformDevice::PciHostBridge(ref bridge) => pci::host_bridge(ids, bridge),
     }
 }
 

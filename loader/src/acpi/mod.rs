@@ -1,6 +1,7 @@
 //! ACPI tables for the guest: this module owns the RSDP, XSDT and their
 //! placement in `[layout::ACPI_START, layout::ACPI_END)`; the submodules build
-//! the FADT ([`fadt`]), MADT ([`madt`]) and DSDT ([`dsdt`]).
+//! the FADT ([`fadt`]), MADT ([`madt`]), DSDT ([`dsdt`]) and, for PCI host
+//! bridges, the MCFG and the bridges' DSDT devices ([`pci`]).
 //!
 //! The platform is hardware-reduced ACPI (no PM1 blocks, no SCI, no FACS):
 //! power-off and reset go through the FADT sleep control/status and reset
@@ -9,6 +10,7 @@
 mod dsdt;
 mod fadt;
 mod madt;
+mod pci;
 
 use acpi_tables::rsdp::Rsdp;
 use acpi_tables::xsdt::XSDT;
@@ -51,6 +53,38 @@ pub enum PlatformDevice {
         /// Number of ports (1-255).
         len: u16,
     },
+    /// A PCI Express host bridge: an MCFG entry, a `PNP0A08` device (`_CID`
+    /// `PNP0A03`) named `PCIn` and a `PNP0C02` device reserving its ECAM.
+    PciHostBridge(PciHostBridge),
+}
+
+/// A range of guest-physical addresses or I/O ports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AddressRange {
+    /// First address.
+    pub start: u64,
+    /// Length; must not be 0.
+    pub size: u64,
+}
+
+/// A PCI Express host bridge with memory-mapped (ECAM) configuration space.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PciHostBridge {
+    /// PCI segment group (`_SEG`, MCFG segment).
+    pub segment: u16,
+    /// ECAM address of bus 0 of the segment, 1 MiB aligned (MCFG semantics:
+    /// bus `b` is at `ecam_start + (b << 20)`), e.g. [`layout::PCI_ECAM_START`].
+    pub ecam_start: u64,
+    /// First bus number decoded (`_BBN`).
+    pub bus_start: u8,
+    /// Last bus number decoded.
+    pub bus_end: u8,
+    /// Window for 32-bit memory BARs; must end at or below 4 GiB.
+    pub mmio32: AddressRange,
+    /// Window for 64-bit memory BARs, if any.
+    pub mmio64: Option<AddressRange>,
+    /// Window for I/O BARs, if any; must end at or below port 0xffff.
+    pub io: Option<AddressRange>,
 }
 
 /// Errors building or writing the ACPI tables.
@@ -86,6 +120,32 @@ pub enum AcpiError {
         irq: u32,
         /// Highest valid GSI.
         max: u32,
+    },
+    /// A PCI host bridge's bus range is reversed.
+    #[error("pci bus range {start}-{end} is empty")]
+    PciBusRange {
+        /// First bus.
+        start: u8,
+        /// Last bus.
+        end: u8,
+    },
+    /// A PCI host bridge's ECAM base is misaligned or its window overflows.
+    #[error("pci ecam base {ecam_start:#x} must be 1 MiB aligned with room for bus {bus_end}")]
+    PciEcam {
+        /// The ECAM base.
+        ecam_start: u64,
+        /// Last bus.
+        bus_end: u8,
+    },
+    /// A PCI host bridge window is empty or leaves its address space.
+    #[error("pci {window} window at {start:#x} with size {size:#x} is empty or too large")]
+    PciWindow {
+        /// Which window ("32-bit memory", "64-bit memory", "i/o").
+        window: &'static str,
+        /// Start of the window.
+        start: u64,
+        /// Size of the window.
+        size: u64,
     },
     /// The PM block length cannot be described by an I/O descriptor.
     #[error("power management block at port {base:#x} must be 1 to 255 ports long, not {len}")]
@@ -177,7 +237,7 @@ impl Placement {
 }
 
 /// Builds every table and assigns addresses in `[start, end)`: the RSDP at
-/// `start`, then XSDT, FADT, DSDT and MADT.
+/// `start`, then XSDT, FADT, DSDT, MADT and MCFG (if there is PCI).
 fn build_tables(
     platform: &AcpiPlatform,
     start: u64,
@@ -185,7 +245,8 @@ fn build_tables(
 ) -> Result<Vec<PlacedTable>, AcpiError> {
     let dsdt = dsdt::build(&platform.devices)?;
     let madt = madt::build(platform.cpus)?;
-    let xsdt_entries = 2;
+    let extra: Vec<Vec<u8>> = pci::mcfg(&platform.devices).into_iter().collect();
+    let xsdt_entries = 2 + extra.len();
 
     let mut placement = Placement { next: start };
     let rsdp_addr = placement.reserve(Rsdp::len());
@@ -193,6 +254,7 @@ fn build_tables(
     let fadt_addr = placement.reserve(fadt::len());
     let dsdt_addr = placement.reserve(dsdt.len());
     let madt_addr = placement.reserve(madt.len());
+    let extra_addrs: Vec<u64> = extra.iter().map(|t| placement.reserve(t.len())).collect();
     if placement.next > end {
         return Err(AcpiError::TooLarge {
             needed: placement.next - start,
@@ -202,16 +264,24 @@ fn build_tables(
     }
 
     let mut xsdt = XSDT::new(OEM_ID, oem_table_id(b"XSDT"), OEM_REVISION);
-    xsdt.add_entry(fadt_addr);
-    xsdt.add_entry(madt_addr);
+    for addr in [fadt_addr, madt_addr].iter().chain(&extra_addrs) {
+        xsdt.add_entry(*addr);
+    }
     let placed = |addr, bytes| PlacedTable { addr, bytes };
-    Ok(vec![
+    let mut tables = vec![
         placed(rsdp_addr, aml_bytes(&Rsdp::new(OEM_ID, xsdt_addr))),
         placed(xsdt_addr, aml_bytes(&xsdt)),
         placed(fadt_addr, fadt::build(dsdt_addr)),
         placed(dsdt_addr, dsdt),
         placed(madt_addr, madt),
-    ])
+    ];
+    tables.extend(
+        extra_addrs
+            .into_iter()
+            .zip(extra)
+            .map(|(a, t)| placed(a, t)),
+    );
+    Ok(tables)
 }
 
 /// Builds the ACPI tables for `platform` and writes them into `mem` at
@@ -261,6 +331,24 @@ mod tests {
                 },
             ],
         }
+    }
+
+    /// `platform(cpus)` plus a PCI host bridge over the whole ECAM window.
+    fn platform_with_pci(cpus: u8) -> AcpiPlatform {
+        let mut platform = platform(cpus);
+        let window = |start, size| AddressRange { start, size };
+        platform
+            .devices
+            .push(PlatformDevice::PciHostBridge(PciHostBridge {
+                segment: 0,
+                ecam_start: layout::PCI_ECAM_START,
+                bus_start: 0,
+                bus_end: 255,
+                mmio32: window(layout::PCI_MMIO32_START, layout::PCI_MMIO32_SIZE),
+                mmio64: Some(window(layout::PCI_MMIO64_ALIGN, layout::PCI_MMIO64_SIZE)),
+                io: Some(window(0x1000, 0xf000)),
+            }));
+        platform
     }
 
     /// Guest memory covering the first MiB, where the ACPI area is.
@@ -335,9 +423,20 @@ mod tests {
     }
 
     #[test]
+    fn pci_adds_the_mcfg() {
+        let mem = low_memory();
+        let rsdp = create_acpi_tables(&mem, &platform_with_pci(2)).unwrap();
+        let tables = walk_tables(&mem, rsdp);
+        assert_eq!(
+            signatures(&tables),
+            ["XSDT", "DSDT", "FACP", "APIC", "MCFG"]
+        );
+    }
+
+    #[test]
     fn tables_are_aligned_disjoint_and_inside_the_acpi_area() {
         let mem = low_memory();
-        let rsdp = create_acpi_tables(&mem, &platform(255)).unwrap();
+        let rsdp = create_acpi_tables(&mem, &platform_with_pci(255)).unwrap();
         let mut ranges: Vec<_> = walk_tables(&mem, rsdp)
             .iter()
             .map(|(addr, t)| (*addr, *addr + t.len() as u64))
@@ -425,7 +524,7 @@ mod tests {
     #[test]
     fn iasl_disassembles_every_table() {
         let mem = low_memory();
-        let rsdp = create_acpi_tables(&mem, &platform(4)).unwrap();
+        let rsdp = create_acpi_tables(&mem, &platform_with_pci(4)).unwrap();
         let dir = scratch_dir("iasl");
         let mut disassembly = std::collections::BTreeMap::new();
         for (_, table) in walk_tables(&mem, rsdp).iter().skip(1) {
@@ -437,7 +536,22 @@ mod tests {
             disassembly.insert(name, dsl);
         }
         let dsdt = &disassembly["dsdt"];
-        for expected in ["_S5_", "0x05", "PNP0501", "PNP0B00", "PNP0C02", "0x03F8"] {
+        let expected_dsdt = [
+            "_S5_",
+            "0x05",
+            "PNP0501",
+            "PNP0B00",
+            "PNP0C02",
+            "0x03F8",
+            "PNP0A08",
+            "PNP0A03",
+            "WordBusNumber",
+            "WordIO",
+            "DWordMemory",
+            "QWordMemory",
+            "Memory32Fixed",
+        ];
+        for expected in expected_dsdt {
             assert!(dsdt.contains(expected), "{expected} missing from:\n{dsdt}");
         }
         let facp = &disassembly["facp"];
@@ -446,6 +560,8 @@ mod tests {
         let apic = &disassembly["apic"];
         assert_eq!(apic.matches("Processor Local APIC").count(), 4, "{apic}");
         assert!(apic.contains("I/O APIC"), "{apic}");
+        let mcfg = &disassembly["mcfg"];
+        assert!(mcfg.contains("Base Address : 00000000E0000000"), "{mcfg}");
         // The disassembled DSDT must compile back without errors.
         let log = iasl(&dir, &["-p", "recompiled", "dsdt.dsl"]);
         assert!(log.contains("0 Errors"), "{log}");
