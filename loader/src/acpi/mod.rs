@@ -496,21 +496,40 @@ mod tests {
         assert!(matches!(err, AcpiError::NoCpus));
     }
 
-    /// Runs `iasl args` in `dir`, panicking with its output if it fails and
-    /// with install instructions if it is missing.
-    fn iasl(dir: &Path, args: &[&str]) -> String {
-        let output = Command::new("iasl")
+    /// Runs the ACPICA `tool` (iasl, acpiexec) with `args` in `dir`,
+    /// panicking with its output if it fails and with install instructions
+    /// if it is missing.
+    fn acpica(tool: &str, dir: &Path, args: &[&str]) -> String {
+        let output = Command::new(tool)
             .args(args)
             .current_dir(dir)
             .output()
-            .unwrap_or_else(|e| panic!("cannot run iasl ({e}): install acpica-tools"));
+            .unwrap_or_else(|e| panic!("cannot run {tool} ({e}): install acpica-tools"));
         let text = format!(
             "{}{}",
             String::from_utf8_lossy(&output.stdout),
             String::from_utf8_lossy(&output.stderr)
         );
-        assert!(output.status.success(), "iasl {args:?} failed:\n{text}");
+        assert!(output.status.success(), "{tool} {args:?} failed:\n{text}");
         text
+    }
+
+    fn iasl(dir: &Path, args: &[&str]) -> String {
+        acpica("iasl", dir, args)
+    }
+
+    /// Writes every table but the RSDP to `dir` as `<signature>.dat`
+    /// (lowercase) and returns the (name, table) pairs.
+    fn dump_tables(dir: &Path, platform: &AcpiPlatform) -> Vec<(String, Vec<u8>)> {
+        let mem = low_memory();
+        let rsdp = create_acpi_tables(&mem, platform).unwrap();
+        let mut dumped = Vec::new();
+        for (_, table) in walk_tables(&mem, rsdp).into_iter().skip(1) {
+            let name = String::from_utf8_lossy(&table[..4]).to_lowercase();
+            std::fs::write(dir.join(format!("{name}.dat")), &table).unwrap();
+            dumped.push((name, table));
+        }
+        dumped
     }
 
     /// A fresh scratch directory for this test process.
@@ -523,13 +542,9 @@ mod tests {
 
     #[test]
     fn iasl_disassembles_every_table() {
-        let mem = low_memory();
-        let rsdp = create_acpi_tables(&mem, &platform_with_pci(4)).unwrap();
         let dir = scratch_dir("iasl");
         let mut disassembly = std::collections::BTreeMap::new();
-        for (_, table) in walk_tables(&mem, rsdp).iter().skip(1) {
-            let name = String::from_utf8_lossy(&table[..4]).to_lowercase();
-            std::fs::write(dir.join(format!("{name}.dat")), table).unwrap();
+        for (name, _) in dump_tables(&dir, &platform_with_pci(4)) {
             let log = iasl(&dir, &["-d", &format!("{name}.dat")]);
             assert!(!log.contains("Error"), "iasl -d {name}:\n{log}");
             let dsl = std::fs::read_to_string(dir.join(format!("{name}.dsl"))).unwrap();
@@ -565,6 +580,31 @@ mod tests {
         // The disassembled DSDT must compile back without errors.
         let log = iasl(&dir, &["-p", "recompiled", "dsdt.dsl"]);
         assert!(log.contains("0 Errors"), "{log}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// ACPICA's own sleep code (what Linux runs for poweroff) must accept the
+    /// hardware-reduced FADT and write `(SLP_TYP << 2) | SLP_EN` to the sleep
+    /// control register.
+    #[test]
+    fn acpiexec_enters_s5_through_the_sleep_control_register() {
+        let dir = scratch_dir("acpiexec");
+        let names: Vec<String> = dump_tables(&dir, &platform_with_pci(2))
+            .into_iter()
+            .filter(|(name, _)| name != "xsdt")
+            .map(|(name, _)| format!("{name}.dat"))
+            .collect();
+        let mut args = vec!["-x", "0xffffffff", "-b", "sleep 5"];
+        args.extend(names.iter().map(String::as_str));
+        let log = acpica("acpiexec", &dir, &args);
+        let slp_typ = ports::ACPI_S5_SLP_TYP;
+        assert!(log.contains(&format!("Sleep-A: {slp_typ:02X}")), "{log}");
+        let value = format!("Wrote: {:016X}", (u64::from(slp_typ) << 2) | 0x20);
+        let register = format!("to {:016X} (SystemIO)", ports::ACPI_SLEEP_CONTROL);
+        let wrote = log
+            .lines()
+            .any(|line| line.contains(&value) && line.contains(&register));
+        assert!(wrote, "no {value} {register} in acpiexec output");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
