@@ -1,0 +1,94 @@
+//! The probe guest: boots through PVH or the Linux 64-bit boot protocol and
+//! reports, one `probe: key=value` fact per line on COM1, what the VMM gave
+//! it (command line, memory map, initrd, ACPI tables, CPUs), starts every AP,
+//! then powers off through ACPI like Linux does.
+//!
+//! The two binaries (`probe-pvh`, `probe-linux64`) differ only in their ELF
+//! entry point and whether they carry the PVH ELF note.
+
+#![no_std]
+
+pub mod acpi;
+pub mod boot;
+pub mod io;
+pub mod phys;
+pub mod power;
+pub mod serial;
+pub mod smp;
+
+use boot::BootInfo;
+use serial::Quoted;
+
+/// FNV-1a 64-bit hash of `bytes`.
+pub fn fnv1a64(bytes: &[u8]) -> u64 {
+    const OFFSET_BASIS: u64 = 0xcbf2_9ce4_8422_2325;
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+    bytes.iter().fold(OFFSET_BASIS, |hash, &b| (hash ^ u64::from(b)).wrapping_mul(PRIME))
+}
+
+/// Rust entry of the boot CPU, called by the boot assembly in long mode.
+#[no_mangle]
+extern "C" fn probe_main(protocol: u32, info_addr: u64) -> ! {
+    serial::init();
+    report!("start");
+    let boot = match boot::parse(protocol, info_addr) {
+        Ok(boot) => boot,
+        Err(err) => panic!("{err}"),
+    };
+    report_boot(&boot);
+    let mut busy = phys::BusyRanges::new();
+    if let Some((addr, size)) = boot.initrd {
+        busy.add(addr, size);
+    }
+    let acpi = acpi::discover(&boot, &mut busy);
+    smp::start_aps(&acpi.cpus, &boot, &busy);
+    report!("done");
+    power::power_off(&acpi)
+}
+
+fn report_boot(boot: &BootInfo) {
+    report!("boot protocol={}", boot.protocol.name());
+    report!("boot {}={:#x}", boot.protocol.info_name(), boot.info_addr);
+    if let Some(version) = boot.pvh_version {
+        report!("boot start_info_version={version}");
+    }
+    match boot.cmdline {
+        Some(cmdline) => report!("cmdline={}", Quoted(cmdline)),
+        None => report!("cmdline none"),
+    }
+    let mut ram_bytes = 0u64;
+    for range in boot.memmap() {
+        let end = range.start.saturating_add(range.size);
+        report!("memmap start={:#x} end={:#x} type={}", range.start, end, range.kind_name());
+        if range.kind == 1 {
+            ram_bytes = ram_bytes.saturating_add(range.size);
+        }
+    }
+    report!("memory ram_bytes={ram_bytes}");
+    report_initrd(boot.initrd);
+}
+
+fn report_initrd(initrd: Option<(u64, u64)>) {
+    let Some((addr, size)) = initrd else {
+        report!("initrd none");
+        return;
+    };
+    match usize::try_from(size).ok().and_then(|len| phys::slice(addr, len)) {
+        Some(bytes) => report!("initrd addr={addr:#x} size={size} fnv1a64={:#018x}", fnv1a64(bytes)),
+        None => report!("initrd addr={addr:#x} size={size} unmapped"),
+    }
+}
+
+#[panic_handler]
+fn panic(info: &core::panic::PanicInfo) -> ! {
+    match info.location() {
+        Some(loc) => serial::report_unlocked(format_args!(
+            "panic {} at {}:{}",
+            info.message(),
+            loc.file(),
+            loc.line()
+        )),
+        None => serial::report_unlocked(format_args!("panic {}", info.message())),
+    }
+    io::halt_forever()
+}
