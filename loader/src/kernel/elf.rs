@@ -481,6 +481,29 @@ mod tests {
     }
 
     #[test]
+    fn segments_may_use_ram_above_4gib_but_not_the_hole() {
+        use crate::layout::{FOUR_GIB, MMIO32_START};
+        let mem = guest_memory(FOUR_GIB + (64 << 20));
+        let across_hole = ElfBuilder::new(MMIO32_START - 0x1000)
+            .code(&[0x90; 0x2000])
+            .build();
+        let file = TempFile::new("vmlinux", &across_hole);
+        let err = load_kernel(&mem, file.path()).unwrap_err();
+        assert!(
+            matches!(err, KernelError::SegmentOutsideRam { .. }),
+            "{err:?}"
+        );
+        let high = ElfBuilder::new(FOUR_GIB + 0x1000).code(CODE).build();
+        let file = TempFile::new("vmlinux", &high);
+        let kernel = load_kernel(&mem, file.path()).unwrap();
+        assert_eq!(
+            kernel.end,
+            GuestAddress(FOUR_GIB + 0x1000 + CODE.len() as u64)
+        );
+        assert_eq!(read_guest(&mem, FOUR_GIB + 0x1000, CODE.len()), CODE);
+    }
+
+    #[test]
     fn entry_outside_segments_is_refused() {
         let elf = ElfBuilder::new(0x20_0000)
             .code(CODE)
