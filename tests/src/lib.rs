@@ -1,1 +1,3 @@
 //! End-to-end test helpers.
+pub mod probe;
+pub mod qemu;

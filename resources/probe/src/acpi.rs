@@ -69,7 +69,11 @@ pub fn discover(boot: &BootInfo, busy: &mut BusyRanges) -> Acpi {
     let mut acpi = Acpi {
         fadt: None,
         dsdt: None,
-        cpus: Cpus { apic_ids: [0; MAX_CPUS], count: 0, lapic_addr: DEFAULT_LAPIC },
+        cpus: Cpus {
+            apic_ids: [0; MAX_CPUS],
+            count: 0,
+            lapic_addr: DEFAULT_LAPIC,
+        },
     };
     let (rsdp, source) = match boot.rsdp {
         Some(addr) => (Some(addr), boot.protocol.info_name()),
@@ -88,7 +92,11 @@ pub fn discover(boot: &BootInfo, busy: &mut BusyRanges) -> Acpi {
     };
     let mut madt = None;
     for entry in root.body().chunks_exact(entry_size) {
-        let addr = if entry_size == 8 { u64_at(entry, 0) } else { u64::from(u32_at(entry, 0)) };
+        let addr = if entry_size == 8 {
+            u64_at(entry, 0)
+        } else {
+            u64::from(u32_at(entry, 0))
+        };
         let Some(table) = load_table(addr, busy) else {
             continue;
         };
@@ -123,7 +131,11 @@ fn scan_rsdp() -> Option<u64> {
 /// Reports the RSDP; returns the root table address and its entry size.
 fn report_rsdp(addr: u64, v1: &[u8], source: &str, busy: &mut BusyRanges) -> Option<(u64, usize)> {
     let revision = u8_at(v1, 15);
-    let bytes = if revision >= 2 { phys::slice(addr, 36).unwrap_or(v1) } else { v1.get(..20).unwrap_or(v1) };
+    let bytes = if revision >= 2 {
+        phys::slice(addr, 36).unwrap_or(v1)
+    } else {
+        v1.get(..20).unwrap_or(v1)
+    };
     let ok = v1.get(..8) == Some(b"RSD PTR ")
         && sum(v1.get(..20).unwrap_or(&[1])) == 0
         && (revision < 2 || sum(bytes) == 0);
@@ -173,7 +185,10 @@ fn report_facs(addr: u64, busy: &mut BusyRanges) {
     match header {
         Some(h) => {
             busy.add(addr, u64::from(len));
-            report!("acpi table={} addr={addr:#x} len={len} checksum=none", Signature(&h[..4]));
+            report!(
+                "acpi table={} addr={addr:#x} len={len} checksum=none",
+                Signature(&h[..4])
+            );
         }
         None => report!("acpi bad_table addr={addr:#x} len=0"),
     }
@@ -182,8 +197,16 @@ fn report_facs(addr: u64, busy: &mut BusyRanges) {
 /// A pointer field of the FADT: the 64-bit X_ field when the table is long
 /// enough and it is non-zero, else the 32-bit field.
 fn fadt_pointer(fadt: Table, off32: usize, off64: usize) -> Option<u64> {
-    let wide = if fadt.bytes.len() >= off64 + 8 { u64_at(fadt.bytes, off64) } else { 0 };
-    let addr = if wide != 0 { wide } else { u64::from(u32_at(fadt.bytes, off32)) };
+    let wide = if fadt.bytes.len() >= off64 + 8 {
+        u64_at(fadt.bytes, off64)
+    } else {
+        0
+    };
+    let addr = if wide != 0 {
+        wide
+    } else {
+        u64::from(u32_at(fadt.bytes, off32))
+    };
     (addr != 0).then_some(addr)
 }
 
@@ -204,7 +227,9 @@ fn parse_madt(madt: Table, cpus: &mut Cpus) {
             break;
         };
         match kind {
-            MADT_LAPIC if u32_at(entry, 4) & MADT_ENABLED != 0 => add_cpu(cpus, u32::from(u8_at(entry, 3))),
+            MADT_LAPIC if u32_at(entry, 4) & MADT_ENABLED != 0 => {
+                add_cpu(cpus, u32::from(u8_at(entry, 3)))
+            }
             MADT_X2APIC if u32_at(entry, 8) & MADT_ENABLED != 0 => add_cpu(cpus, u32_at(entry, 4)),
             MADT_IOAPIC => report!(
                 "ioapic id={} addr={:#x} gsi_base={}",

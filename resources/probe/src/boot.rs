@@ -330,7 +330,8 @@ fn parse_pvh(addr: u64) -> Result<BootInfo, BootError> {
     let nr_modules = u32_at(si, SI_NR_MODULES) as usize;
     let modlist = u64_at(si, SI_MODLIST);
     if nr_modules > 0 {
-        info.busy.add(modlist, (nr_modules * MODLIST_ENTRY_SIZE) as u64);
+        info.busy
+            .add(modlist, (nr_modules * MODLIST_ENTRY_SIZE) as u64);
         if let Some(first) = phys::slice(modlist, MODLIST_ENTRY_SIZE) {
             info.initrd = Some((u64_at(first, 0), u64_at(first, 8)));
         }
@@ -374,18 +375,27 @@ fn parse_linux64(addr: u64) -> Result<BootInfo, BootError> {
 
     let cmdline = wide(u32_at(bp, BP_CMD_LINE_PTR), u32_at(bp, BP_EXT_CMD_LINE_PTR));
     let size_hint = u32_at(bp, BP_CMDLINE_SIZE) as usize;
-    let limit = if size_hint == 0 { CMDLINE_LIMIT } else { (size_hint + 1).min(CMDLINE_LIMIT) };
+    let limit = if size_hint == 0 {
+        CMDLINE_LIMIT
+    } else {
+        (size_hint + 1).min(CMDLINE_LIMIT)
+    };
     info.cmdline = read_cstr(cmdline, limit, &mut info.busy);
     info.rsdp = nonzero(u64_at(bp, BP_ACPI_RSDP));
 
-    let ramdisk = wide(u32_at(bp, BP_RAMDISK_IMAGE), u32_at(bp, BP_EXT_RAMDISK_IMAGE));
+    let ramdisk = wide(
+        u32_at(bp, BP_RAMDISK_IMAGE),
+        u32_at(bp, BP_EXT_RAMDISK_IMAGE),
+    );
     let ramdisk_size = wide(u32_at(bp, BP_RAMDISK_SIZE), u32_at(bp, BP_EXT_RAMDISK_SIZE));
     if ramdisk_size != 0 {
         info.initrd = Some((ramdisk, ramdisk_size));
     }
 
     let entries = usize::from(u8_at(bp, BP_E820_ENTRIES)).min(MAX_MEMMAP);
-    let table = bp.get(BP_E820_TABLE..BP_E820_TABLE + entries * E820_ENTRY_SIZE).unwrap_or(&[]);
+    let table = bp
+        .get(BP_E820_TABLE..BP_E820_TABLE + entries * E820_ENTRY_SIZE)
+        .unwrap_or(&[]);
     for entry in table.chunks_exact(E820_ENTRY_SIZE) {
         info.push_range(MemRange {
             start: u64_at(entry, 0),

@@ -32,7 +32,9 @@ pub fn outl(port: u16, value: u32) {
 pub fn rdmsr(msr: u32) -> u64 {
     let (low, high): (u32, u32);
     // SAFETY: only called for architectural MSRs that exist on every x86-64 CPU.
-    unsafe { asm!("rdmsr", in("ecx") msr, out("eax") low, out("edx") high, options(nomem, nostack)) };
+    unsafe {
+        asm!("rdmsr", in("ecx") msr, out("eax") low, out("edx") high, options(nomem, nostack))
+    };
     (u64::from(high) << 32) | u64::from(low)
 }
 

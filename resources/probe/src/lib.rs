@@ -23,7 +23,9 @@ use serial::Quoted;
 pub fn fnv1a64(bytes: &[u8]) -> u64 {
     const OFFSET_BASIS: u64 = 0xcbf2_9ce4_8422_2325;
     const PRIME: u64 = 0x0000_0100_0000_01b3;
-    bytes.iter().fold(OFFSET_BASIS, |hash, &b| (hash ^ u64::from(b)).wrapping_mul(PRIME))
+    bytes.iter().fold(OFFSET_BASIS, |hash, &b| {
+        (hash ^ u64::from(b)).wrapping_mul(PRIME)
+    })
 }
 
 /// Rust entry of the boot CPU, called by the boot assembly in long mode.
@@ -59,7 +61,12 @@ fn report_boot(boot: &BootInfo) {
     let mut ram_bytes = 0u64;
     for range in boot.memmap() {
         let end = range.start.saturating_add(range.size);
-        report!("memmap start={:#x} end={:#x} type={}", range.start, end, range.kind_name());
+        report!(
+            "memmap start={:#x} end={:#x} type={}",
+            range.start,
+            end,
+            range.kind_name()
+        );
         if range.kind == 1 {
             ram_bytes = ram_bytes.saturating_add(range.size);
         }
@@ -73,8 +80,14 @@ fn report_initrd(initrd: Option<(u64, u64)>) {
         report!("initrd none");
         return;
     };
-    match usize::try_from(size).ok().and_then(|len| phys::slice(addr, len)) {
-        Some(bytes) => report!("initrd addr={addr:#x} size={size} fnv1a64={:#018x}", fnv1a64(bytes)),
+    match usize::try_from(size)
+        .ok()
+        .and_then(|len| phys::slice(addr, len))
+    {
+        Some(bytes) => report!(
+            "initrd addr={addr:#x} size={size} fnv1a64={:#018x}",
+            fnv1a64(bytes)
+        ),
         None => report!("initrd addr={addr:#x} size={size} unmapped"),
     }
 }

@@ -52,7 +52,10 @@ pub fn u64_at(bytes: &[u8], off: usize) -> u64 {
 
 fn le<const N: usize>(bytes: &[u8], off: usize) -> u64 {
     match off.checked_add(N).and_then(|end| bytes.get(off..end)) {
-        Some(field) => field.iter().rev().fold(0, |acc, &b| (acc << 8) | u64::from(b)),
+        Some(field) => field
+            .iter()
+            .rev()
+            .fold(0, |acc, &b| (acc << 8) | u64::from(b)),
         None => 0,
     }
 }
@@ -69,10 +72,20 @@ pub struct BusyRanges {
     overflowed: bool,
 }
 
+impl Default for BusyRanges {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl BusyRanges {
     /// An empty set.
     pub const fn new() -> Self {
-        Self { ranges: [(0, 0); 64], len: 0, overflowed: false }
+        Self {
+            ranges: [(0, 0); 64],
+            len: 0,
+            overflowed: false,
+        }
     }
 
     /// Marks `[start, start + size)` busy. When the set is full everything
@@ -91,6 +104,8 @@ impl BusyRanges {
     pub fn is_free(&self, start: u64, size: u64) -> bool {
         let end = start.saturating_add(size);
         !self.overflowed
-            && self.ranges[..self.len].iter().all(|&(s, e)| end <= s || start >= e)
+            && self.ranges[..self.len]
+                .iter()
+                .all(|&(s, e)| end <= s || start >= e)
     }
 }

@@ -49,12 +49,18 @@ struct Gas {
 impl Gas {
     fn at(fadt: Table, off: usize) -> Option<Gas> {
         let raw = fadt.bytes.get(off..off + GAS_LEN)?;
-        let gas = Gas { space: u8_at(raw, 0), address: u64_at(raw, 4) };
+        let gas = Gas {
+            space: u8_at(raw, 0),
+            address: u64_at(raw, 4),
+        };
         (gas.address != 0).then_some(gas)
     }
 
     fn io_port(port: u32) -> Option<Gas> {
-        (port != 0).then_some(Gas { space: SPACE_IO, address: u64::from(port) })
+        (port != 0).then_some(Gas {
+            space: SPACE_IO,
+            address: u64::from(port),
+        })
     }
 
     /// Writes `value` with `width` bytes; false if the space is unsupported.
@@ -142,7 +148,10 @@ pub fn s5_slp_typ(aml: &[u8]) -> Option<u64> {
 }
 
 fn decode_integer(aml: &[u8]) -> Option<u64> {
-    let le = |n: usize| aml.get(1..1 + n).map(|b| b.iter().rev().fold(0u64, |a, &x| (a << 8) | u64::from(x)));
+    let le = |n: usize| {
+        aml.get(1..1 + n)
+            .map(|b| b.iter().rev().fold(0u64, |a, &x| (a << 8) | u64::from(x)))
+    };
     match *aml.first()? {
         ZERO_OP => Some(0),
         ONE_OP => Some(1),

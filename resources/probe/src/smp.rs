@@ -154,7 +154,10 @@ fn place_trampoline(boot: &BootInfo, busy: &BusyRanges) -> Option<u64> {
 /// INIT, SIPI, SIPI one AP and wait for it to check in.
 fn start_one(lapic: &Lapic, apic_id: u32, index: usize, page: u64) -> bool {
     let stack_base = core::ptr::addr_of!(AP_STACKS) as u64;
-    AP_STACK_TOP.store(stack_base + ((index + 1) * AP_STACK_SIZE) as u64, Ordering::Release);
+    AP_STACK_TOP.store(
+        stack_base + ((index + 1) * AP_STACK_SIZE) as u64,
+        Ordering::Release,
+    );
     AP_CHECKIN.store(NOBODY, Ordering::Release);
     let vector = (page >> 12) as u32;
     lapic.send_ipi(apic_id, ICR_INIT_ASSERT);
