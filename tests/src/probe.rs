@@ -754,6 +754,93 @@ probe: poweroff method=sleep_control slp_typ=5\n";
         assert_eq!(report.panic_message(), Some("boom at x:1"));
     }
 
+    /// `const NAME: usize = VALUE;` items of a probe source file.
+    fn probe_consts(file: &str) -> std::collections::HashMap<String, usize> {
+        let src = std::fs::read_to_string(probe_dir().join("src").join(file)).unwrap();
+        src.lines()
+            .filter_map(|line| {
+                let rest = line.trim().trim_start_matches("pub(crate) ");
+                let (name, value) = rest.strip_prefix("const ")?.split_once(": usize = ")?;
+                let value = parse_num(&value.trim_end_matches(';').replace('_', ""))?;
+                Some((name.to_string(), usize::try_from(value).ok()?))
+            })
+            .collect()
+    }
+
+    /// The probe's hand-written offsets against linux-loader's bindgen
+    /// layouts (generated from the Linux and Xen headers).
+    #[test]
+    fn probe_boot_offsets_match_the_linux_and_xen_headers() {
+        use linux_loader::bootparam::{boot_e820_entry, boot_params, setup_header};
+        use linux_loader::loader::elf::start_info::{
+            hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info,
+        };
+        use std::mem::{offset_of, size_of};
+        let consts = probe_consts("boot.rs");
+        let hdr = offset_of!(boot_params, hdr);
+        let expected = [
+            ("BP_ACPI_RSDP", offset_of!(boot_params, acpi_rsdp_addr)),
+            (
+                "BP_EXT_RAMDISK_IMAGE",
+                offset_of!(boot_params, ext_ramdisk_image),
+            ),
+            (
+                "BP_EXT_RAMDISK_SIZE",
+                offset_of!(boot_params, ext_ramdisk_size),
+            ),
+            (
+                "BP_EXT_CMD_LINE_PTR",
+                offset_of!(boot_params, ext_cmd_line_ptr),
+            ),
+            ("BP_E820_ENTRIES", offset_of!(boot_params, e820_entries)),
+            ("BP_E820_TABLE", offset_of!(boot_params, e820_table)),
+            (
+                "BP_RAMDISK_IMAGE",
+                hdr + offset_of!(setup_header, ramdisk_image),
+            ),
+            (
+                "BP_RAMDISK_SIZE",
+                hdr + offset_of!(setup_header, ramdisk_size),
+            ),
+            (
+                "BP_CMD_LINE_PTR",
+                hdr + offset_of!(setup_header, cmd_line_ptr),
+            ),
+            (
+                "BP_CMDLINE_SIZE",
+                hdr + offset_of!(setup_header, cmdline_size),
+            ),
+            ("E820_ENTRY_SIZE", size_of::<boot_e820_entry>()),
+            ("ZERO_PAGE_SIZE", size_of::<boot_params>()),
+            ("SI_VERSION", offset_of!(hvm_start_info, version)),
+            ("SI_NR_MODULES", offset_of!(hvm_start_info, nr_modules)),
+            ("SI_MODLIST", offset_of!(hvm_start_info, modlist_paddr)),
+            ("SI_CMDLINE", offset_of!(hvm_start_info, cmdline_paddr)),
+            ("SI_RSDP", offset_of!(hvm_start_info, rsdp_paddr)),
+            ("SI_MEMMAP", offset_of!(hvm_start_info, memmap_paddr)),
+            (
+                "SI_MEMMAP_ENTRIES",
+                offset_of!(hvm_start_info, memmap_entries),
+            ),
+            ("SI_SIZE", size_of::<hvm_start_info>()),
+            ("MODLIST_ENTRY_SIZE", size_of::<hvm_modlist_entry>()),
+            ("MEMMAP_ENTRY_SIZE", size_of::<hvm_memmap_table_entry>()),
+        ];
+        for (name, offset) in expected {
+            assert_eq!(consts.get(name), Some(&offset), "{name}");
+        }
+        let relaunch = probe_consts("relaunch.rs");
+        assert_eq!(
+            relaunch.get("BP_BOOT_FLAG"),
+            Some(&(hdr + offset_of!(setup_header, boot_flag)))
+        );
+        assert_eq!(
+            relaunch.get("BP_HEADER"),
+            Some(&(hdr + offset_of!(setup_header, header)))
+        );
+        assert_eq!(consts.get("MAX_E820"), Some(&128));
+    }
+
     #[test]
     fn pvh_note_is_found_only_with_the_right_name_and_type() {
         let note = |name: &[u8], kind: u32| {

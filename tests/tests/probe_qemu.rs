@@ -33,15 +33,17 @@ fn scratch_file(name: &str, bytes: &[u8]) -> PathBuf {
     path
 }
 
-/// Boots the PVH probe on `machine` and checks the whole report;
-/// `poweroff_method` is what that machine's FADT calls for.
-fn check_machine(machine: &str, poweroff_method: &str) {
+/// Boots the PVH probe on `machine` and checks the whole report.
+/// `extra_cmdline` is appended to the command line, `protocol` is the boot
+/// protocol the report must show and `poweroff_method` is what the
+/// machine's FADT calls for.
+fn check_machine(machine: &str, extra_cmdline: &str, protocol: &str, poweroff_method: &str) {
     let kernel = probe_elf(Flavour::Pvh);
     let initrd = initrd_bytes();
-    let tag = machine.split(',').next().unwrap();
+    let tag = format!("{}-{protocol}", machine.split(',').next().unwrap());
     let initrd_path = scratch_file(&format!("initrd-{tag}"), &initrd);
     let cmdline = format!(
-        "console=ttyS0 probe.token={tag}-{}-{:x} quoted=\"a b\\c\"",
+        "console=ttyS0 probe.token={tag}-{}-{:x} quoted=\"a b\\c\"{extra_cmdline}",
         std::process::id(),
         fnv1a64(machine.as_bytes())
     );
@@ -54,7 +56,7 @@ fn check_machine(machine: &str, poweroff_method: &str) {
     assert!(run.status.is_some(), "killed after {LIMIT:?}: {context}");
     assert!(report.started(), "no 'probe: start': {context}");
     assert_eq!(report.panic_message(), None, "{context}");
-    assert_eq!(report.protocol(), Some("pvh"), "{context}");
+    assert_eq!(report.protocol(), Some(protocol), "{context}");
     assert_eq!(
         report.cmdline().as_deref(),
         Some(cmdline.as_str()),
@@ -120,12 +122,26 @@ fn check_machine(machine: &str, poweroff_method: &str) {
 
 #[test]
 fn pvh_probe_under_qemu_microvm() {
-    check_machine("microvm,acpi=on", "sleep_control");
+    check_machine("microvm,acpi=on", "", "pvh", "sleep_control");
 }
 
 #[test]
 fn pvh_probe_under_qemu_q35() {
-    check_machine("q35", "pm1");
+    check_machine("q35", "", "pvh", "pm1");
+}
+
+/// QEMU cannot boot an ELF through the Linux 64-bit protocol, so the PVH
+/// probe rebuilds a `boot_params` from its start info and re-enters itself
+/// at `linux64_start`: the linux64 entry and `boot_params` parsing must then
+/// report the same facts.
+#[test]
+fn linux64_entry_relaunched_under_qemu_microvm() {
+    check_machine(
+        "microvm,acpi=on",
+        " probe.relaunch=linux64",
+        "linux64",
+        "sleep_control",
+    );
 }
 
 #[test]

@@ -355,18 +355,20 @@ fn parse_pvh(addr: u64) -> Result<BootInfo, BootError> {
 }
 
 // boot_params offsets (Linux Documentation/arch/x86/zero-page.rst, boot.rst).
-const BP_ACPI_RSDP: usize = 0x070;
-const BP_EXT_RAMDISK_IMAGE: usize = 0x0c0;
-const BP_EXT_RAMDISK_SIZE: usize = 0x0c4;
-const BP_EXT_CMD_LINE_PTR: usize = 0x0c8;
-const BP_E820_ENTRIES: usize = 0x1e8;
-const BP_RAMDISK_IMAGE: usize = 0x218;
-const BP_RAMDISK_SIZE: usize = 0x21c;
-const BP_CMD_LINE_PTR: usize = 0x228;
-const BP_CMDLINE_SIZE: usize = 0x238;
-const BP_E820_TABLE: usize = 0x2d0;
-const E820_ENTRY_SIZE: usize = 20;
-const ZERO_PAGE_SIZE: usize = 0x1000;
+pub(crate) const BP_ACPI_RSDP: usize = 0x070;
+pub(crate) const BP_EXT_RAMDISK_IMAGE: usize = 0x0c0;
+pub(crate) const BP_EXT_RAMDISK_SIZE: usize = 0x0c4;
+pub(crate) const BP_EXT_CMD_LINE_PTR: usize = 0x0c8;
+pub(crate) const BP_E820_ENTRIES: usize = 0x1e8;
+pub(crate) const BP_RAMDISK_IMAGE: usize = 0x218;
+pub(crate) const BP_RAMDISK_SIZE: usize = 0x21c;
+pub(crate) const BP_CMD_LINE_PTR: usize = 0x228;
+pub(crate) const BP_CMDLINE_SIZE: usize = 0x238;
+pub(crate) const BP_E820_TABLE: usize = 0x2d0;
+pub(crate) const E820_ENTRY_SIZE: usize = 20;
+/// Capacity of `boot_params.e820_table`.
+pub(crate) const MAX_E820: usize = 128;
+pub(crate) const ZERO_PAGE_SIZE: usize = 0x1000;
 
 fn parse_linux64(addr: u64) -> Result<BootInfo, BootError> {
     let bp = phys::slice(addr, ZERO_PAGE_SIZE).ok_or(BootError::Unreadable(addr))?;
@@ -392,7 +394,7 @@ fn parse_linux64(addr: u64) -> Result<BootInfo, BootError> {
         info.initrd = Some((ramdisk, ramdisk_size));
     }
 
-    let entries = usize::from(u8_at(bp, BP_E820_ENTRIES)).min(MAX_MEMMAP);
+    let entries = usize::from(u8_at(bp, BP_E820_ENTRIES)).min(MAX_E820);
     let table = bp
         .get(BP_E820_TABLE..BP_E820_TABLE + entries * E820_ENTRY_SIZE)
         .unwrap_or(&[]);

@@ -13,6 +13,7 @@ pub mod boot;
 pub mod io;
 pub mod phys;
 pub mod power;
+pub mod relaunch;
 pub mod serial;
 pub mod smp;
 
@@ -37,6 +38,10 @@ extern "C" fn probe_main(protocol: u32, info_addr: u64) -> ! {
         Ok(boot) => boot,
         Err(err) => panic!("{err}"),
     };
+    if relaunch::requested(&boot) {
+        report!("boot relaunch=linux64");
+        relaunch::relaunch(&boot);
+    }
     report_boot(&boot);
     let mut busy = phys::BusyRanges::new();
     if let Some((addr, size)) = boot.initrd {
