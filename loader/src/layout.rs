@@ -19,6 +19,7 @@
 //!   0xe000_0000  PCI ECAM (256 MiB, buses 0-255)
 //!   0xfec0_0000  IOAPIC
 //!   0xfee0_0000  local APICs
+//!   0xfffb_d000  KVM TSS (3 pages)
 //! 0x1_0000_0000 RAM above 4 GiB (whatever did not fit below the hole)
 //! ```
 
@@ -71,6 +72,9 @@ pub const PCI_ECAM_SIZE: u64 = 0x1000_0000;
 pub const IOAPIC_START: u64 = 0xfec0_0000;
 /// Local APIC registers (the in-kernel LAPICs answer here).
 pub const APIC_START: u64 = 0xfee0_0000;
+/// KVM's three-page TSS area (needed on Intel, harmless elsewhere), in the
+/// hole below the firmware area.
+pub const KVM_TSS_START: u64 = 0xfffb_d000;
 /// 4 GiB: where RAM that did not fit below the hole continues.
 pub const FOUR_GIB: u64 = 0x1_0000_0000;
 /// Start of the 64-bit PCI memory window, placed right above the top of RAM
@@ -78,6 +82,18 @@ pub const FOUR_GIB: u64 = 0x1_0000_0000;
 pub const PCI_MMIO64_ALIGN: u64 = 0x40_0000_0000;
 /// Size of the 64-bit PCI memory window.
 pub const PCI_MMIO64_SIZE: u64 = 0x40_0000_0000;
+
+// The fixed areas must not overlap; checked when the crate compiles.
+const _: () = {
+    assert!(PVH_INFO_START + PAGE_SIZE <= ZERO_PAGE_START);
+    assert!(ZERO_PAGE_START + PAGE_SIZE <= BOOT_STACK_POINTER);
+    assert!(PDE_START + PAGE_SIZE <= CMDLINE_START);
+    assert!(CMDLINE_START + CMDLINE_MAX_SIZE as u64 <= EBDA_START);
+    assert!(ACPI_END <= HIGH_RAM_START);
+    assert!(PCI_MMIO32_START + PCI_MMIO32_SIZE <= PCI_ECAM_START);
+    assert!(PCI_ECAM_START + PCI_ECAM_SIZE <= IOAPIC_START);
+    assert!(APIC_START < KVM_TSS_START);
+};
 
 /// Fixed I/O ports of the platform devices.
 pub mod ports {
@@ -256,13 +272,10 @@ mod tests {
     }
 
     #[test]
-    fn fixed_areas_do_not_overlap() {
-        assert!(PVH_INFO_START + PAGE_SIZE <= ZERO_PAGE_START);
-        assert!(ZERO_PAGE_START + PAGE_SIZE <= BOOT_STACK_POINTER);
-        assert!(PDE_START + PAGE_SIZE <= CMDLINE_START);
-        assert!(CMDLINE_START + CMDLINE_MAX_SIZE as u64 <= EBDA_START);
-        assert!(PCI_MMIO32_START + PCI_MMIO32_SIZE <= PCI_ECAM_START);
-        assert!(PCI_ECAM_START + PCI_ECAM_SIZE <= IOAPIC_START);
-        assert!(pci_mmio64_start(8 << 30) >= ram_end(8 << 30));
+    fn mmio64_window_lies_above_ram() {
+        for size in [64u64 << 20, 3 << 30, 8 << 30, 300 << 30] {
+            assert!(pci_mmio64_start(size) >= ram_end(size));
+            assert_eq!(pci_mmio64_start(size) % PCI_MMIO64_ALIGN, 0);
+        }
     }
 }

@@ -1,1 +1,16 @@
-//! placeholder
+//! zvmm's virtual machine monitor: KVM, guest memory, vCPUs, the platform,
+//! the event loop and the VM lifecycle. [`vm::Vmm`] runs one VM from a
+//! [`config::VmConfig`]; the `zvmm` binary is a thin command line over it.
+
+pub mod bus;
+pub mod config;
+pub mod console;
+pub mod cpuid;
+pub mod lifecycle;
+pub mod memory;
+pub mod platform;
+pub mod regs;
+pub mod signals;
+pub mod vcpu;
+pub mod vm;
+pub mod writer;

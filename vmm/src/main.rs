@@ -1,1 +1,196 @@
-fn main() {}
+//! The `zvmm` command: parses the command line (zvmm's short form and the
+//! cloud-hypervisor-compatible subset) into a `VmConfig`, runs the VM and
+//! turns the way it stopped into the exit status.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use vmm::config::{self, ConfigError, OnReset, PayloadConfig, VmConfig};
+use vmm::lifecycle::{StopReason, EXIT_ERROR, EXIT_USAGE};
+use vmm::vm::Vmm;
+
+const EXIT_STATUSES: &str = "\
+Exit status:
+  0    the guest powered off (ACPI S5)
+  1    configuration or host error (missing kernel, no /dev/kvm, ...)
+  2    usage error (unknown option, bad option syntax)
+  3    the guest reset itself and --no-reboot was given (a triple fault
+       counts as a reset)
+  4    KVM could not run the guest (emulation or entry failure); the vCPU
+       registers are printed on stderr
+  124  --timeout expired
+  130, 143  ended by SIGINT (or Ctrl-A x on the console) / SIGTERM
+
+Console: with --serial tty (the default) the terminal is put in raw mode and
+every key goes to the guest; press Ctrl-A then x to quit.
+
+Examples:
+  zvmm --kernel vmlinux --initrd initrd.img --cmdline \"console=ttyS0\" --cpus 2 --memory 512M
+  zvmm --kernel vmlinux --cpus boot=2 --memory size=1G,shared=on --serial pty --console off
+  zvmm kernel extract bzImage -o vmlinux";
+
+/// zvmm: a minimal KVM microVM monitor.
+#[derive(Parser, Debug)]
+#[command(
+    name = "zvmm",
+    version,
+    about,
+    after_help = EXIT_STATUSES,
+    args_conflicts_with_subcommands = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    vm: VmArgs,
+}
+
+/// Options describing the VM to boot.
+#[derive(Args, Debug)]
+struct VmArgs {
+    /// Kernel: an ELF vmlinux (PVH entry used when present) or a bzImage.
+    #[arg(long, value_name = "PATH")]
+    kernel: Option<PathBuf>,
+    /// Initial ramdisk, placed at the top of low RAM.
+    #[arg(long, visible_alias = "initramfs", value_name = "PATH")]
+    initrd: Option<PathBuf>,
+    /// Kernel command line [default: console=ttyS0].
+    #[arg(long, value_name = "STRING")]
+    cmdline: Option<String>,
+    /// vCPUs: N or boot=N.
+    #[arg(long, value_name = "N|boot=N", default_value = "1")]
+    cpus: String,
+    /// Guest RAM: SIZE or size=SIZE[,shared=on] (K, M, G suffixes).
+    #[arg(
+        long,
+        value_name = "SIZE|size=SIZE[,shared=on]",
+        default_value = "512M"
+    )]
+    memory: String,
+    /// COM1 console: tty (= stdio), pty, file=PATH, null, off.
+    #[arg(long, value_name = "MODE", default_value = "tty")]
+    serial: String,
+    /// virtio console (cloud-hypervisor option): only `off` is supported.
+    #[arg(long, value_name = "MODE", default_value = "off")]
+    console: String,
+    /// End with status 3 when the guest resets instead of rebooting it.
+    #[arg(long)]
+    no_reboot: bool,
+    /// Stop the VM after SECS seconds with status 124.
+    #[arg(long, value_name = "SECS")]
+    timeout: Option<u64>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Tools for kernel images.
+    #[command(subcommand)]
+    Kernel(KernelCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum KernelCommand {
+    /// Write the uncompressed ELF vmlinux contained in a bzImage.
+    Extract {
+        /// The bzImage.
+        bzimage: PathBuf,
+        /// Where to write the vmlinux.
+        #[arg(short, long, value_name = "PATH")]
+        output: PathBuf,
+    },
+}
+
+impl VmArgs {
+    fn into_config(self) -> Result<VmConfig, ConfigError> {
+        let config = VmConfig {
+            cpus: config::parse_cpus(&self.cpus)?,
+            memory: config::parse_memory(&self.memory)?,
+            payload: PayloadConfig {
+                kernel: self.kernel,
+                cmdline: Some(self.cmdline.unwrap_or_else(|| "console=ttyS0".into())),
+                initramfs: self.initrd,
+            },
+            serial: config::parse_console("serial", &self.serial)?,
+            console: config::parse_console("console", &self.console)?,
+            on_reset: if self.no_reboot {
+                OnReset::Exit
+            } else {
+                OnReset::Reboot
+            },
+            timeout_secs: self.timeout,
+        };
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { EXIT_USAGE as u8 } else { 0 });
+        }
+    };
+    let status = match cli.command {
+        Some(Command::Kernel(command)) => report(run_kernel_command(command)),
+        None => match cli.vm.into_config() {
+            Ok(config) => report(boot(config)),
+            Err(e) => {
+                eprintln!("zvmm: {e}");
+                EXIT_USAGE
+            }
+        },
+    };
+    ExitCode::from(status as u8)
+}
+
+/// Prints an error as one line with its causes; returns the exit status.
+fn report(result: anyhow::Result<i32>) -> i32 {
+    result.unwrap_or_else(|e| {
+        eprintln!("zvmm: {e:#}");
+        EXIT_ERROR
+    })
+}
+
+fn boot(config: VmConfig) -> anyhow::Result<i32> {
+    let mut vmm = Vmm::new(config)?;
+    let reason = vmm.run()?;
+    drop(vmm);
+    describe_stop(&reason);
+    Ok(reason.exit_status())
+}
+
+fn describe_stop(reason: &StopReason) {
+    match reason {
+        StopReason::PowerOff => {}
+        StopReason::Reset => eprintln!("zvmm: guest reset (--no-reboot given)"),
+        StopReason::TripleFault { vcpu } => {
+            eprintln!("zvmm: vCPU {vcpu} triple-faulted (guest reset; --no-reboot given)")
+        }
+        StopReason::Crash { vcpu, detail } => eprintln!("zvmm: vCPU {vcpu} stopped: {detail}"),
+        StopReason::Timeout => eprintln!("zvmm: timeout: VM stopped"),
+        StopReason::Signal(signal) => eprintln!("zvmm: stopped by signal {signal}"),
+    }
+}
+
+fn run_kernel_command(command: KernelCommand) -> anyhow::Result<i32> {
+    match command {
+        KernelCommand::Extract { bzimage, output } => {
+            let image = std::fs::read(&bzimage)
+                .with_context(|| format!("cannot read {}", bzimage.display()))?;
+            let vmlinux = loader::extract::extract_vmlinux(&image)
+                .with_context(|| format!("{}", bzimage.display()))?;
+            std::fs::write(&output, &vmlinux)
+                .with_context(|| format!("cannot write {}", output.display()))?;
+            eprintln!(
+                "zvmm: wrote {} ({} bytes, ELF vmlinux)",
+                output.display(),
+                vmlinux.len()
+            );
+            Ok(0)
+        }
+    }
+}

@@ -1,0 +1,526 @@
+//! The VM's configuration: one serde tree ([`VmConfig`]) filled alike by the
+//! command line, a JSON document or the API, checked by
+//! [`VmConfig::validate`]. Option strings of the form `key=value,key=value`
+//! are parsed by one helper, [`OptionParser`], shared by every option.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// Largest vCPU count zvmm accepts (APIC IDs fit in 8 bits without x2APIC).
+pub const MAX_VCPUS: u8 = 254;
+/// Smallest guest RAM zvmm accepts.
+pub const MIN_MEMORY: u64 = 8 << 20;
+
+/// A configuration that can't be used, with the option it came from.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    /// An option string has a key this option doesn't know.
+    #[error("--{option}: unknown key '{key}' (known: {known})")]
+    UnknownKey {
+        /// The option, without dashes.
+        option: String,
+        /// The key given.
+        key: String,
+        /// The keys the option accepts.
+        known: String,
+    },
+    /// A key was given twice.
+    #[error("--{option}: '{key}' given twice")]
+    DuplicateKey {
+        /// The option, without dashes.
+        option: String,
+        /// The repeated key.
+        key: String,
+    },
+    /// A value doesn't parse.
+    #[error("--{option}: bad value '{value}' for '{key}': {why}")]
+    BadValue {
+        /// The option, without dashes.
+        option: String,
+        /// The key.
+        key: String,
+        /// The value given.
+        value: String,
+        /// What was expected.
+        why: String,
+    },
+    /// The configuration as a whole is inconsistent.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// vCPU configuration (cloud-hypervisor's `cpus`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CpusConfig {
+    /// vCPUs started at boot.
+    pub boot_vcpus: u8,
+    /// Highest vCPU count (no hotplug: equals `boot_vcpus`).
+    #[serde(default)]
+    pub max_vcpus: u8,
+}
+
+impl Default for CpusConfig {
+    fn default() -> Self {
+        Self {
+            boot_vcpus: 1,
+            max_vcpus: 1,
+        }
+    }
+}
+
+/// Guest RAM configuration (cloud-hypervisor's `memory`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemoryConfig {
+    /// Bytes of guest RAM.
+    pub size: u64,
+    /// Back RAM with a memfd that other processes (vhost-user) can map.
+    #[serde(default)]
+    pub shared: bool,
+}
+
+impl Default for MemoryConfig {
+    fn default() -> Self {
+        Self {
+            size: 512 << 20,
+            shared: false,
+        }
+    }
+}
+
+/// What the vCPUs start executing (cloud-hypervisor's `payload`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PayloadConfig {
+    /// Kernel image: ELF vmlinux or bzImage.
+    #[serde(default)]
+    pub kernel: Option<PathBuf>,
+    /// Kernel command line.
+    #[serde(default)]
+    pub cmdline: Option<String>,
+    /// Initial ramdisk.
+    #[serde(default)]
+    pub initramfs: Option<PathBuf>,
+}
+
+/// Where a console's bytes go (cloud-hypervisor's `ConsoleOutputMode`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ConsoleMode {
+    /// Discarded.
+    Off,
+    /// A pseudo-terminal whose path is printed at start.
+    Pty,
+    /// This process's terminal, input included.
+    #[default]
+    Tty,
+    /// A file.
+    File,
+    /// Standard output, input from standard input.
+    Null,
+}
+
+/// A console device's configuration (cloud-hypervisor's `ConsoleConfig`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConsoleConfig {
+    /// Where the bytes go.
+    pub mode: ConsoleMode,
+    /// The output file (`File`), or the allocated pty (`Pty`, filled at start).
+    #[serde(default)]
+    pub file: Option<PathBuf>,
+}
+
+impl ConsoleConfig {
+    /// A console with output to this process's terminal.
+    pub fn tty() -> Self {
+        Self {
+            mode: ConsoleMode::Tty,
+            file: None,
+        }
+    }
+
+    /// A console that is turned off.
+    pub fn off() -> Self {
+        Self {
+            mode: ConsoleMode::Off,
+            file: None,
+        }
+    }
+}
+
+/// What happens when the guest resets itself.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnReset {
+    /// Start the VM again in the same process.
+    #[default]
+    Reboot,
+    /// End zvmm with exit status 3.
+    Exit,
+}
+
+/// The whole VM configuration.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmConfig {
+    /// vCPUs.
+    #[serde(default)]
+    pub cpus: CpusConfig,
+    /// Guest RAM.
+    #[serde(default)]
+    pub memory: MemoryConfig,
+    /// Kernel, initrd and command line.
+    #[serde(default)]
+    pub payload: PayloadConfig,
+    /// The 8250 UART at COM1.
+    #[serde(default = "ConsoleConfig::tty")]
+    pub serial: ConsoleConfig,
+    /// The virtio console (not provided by zvmm: only `Off` is accepted).
+    #[serde(default = "ConsoleConfig::off")]
+    pub console: ConsoleConfig,
+    /// Reboot or exit on guest reset.
+    #[serde(default)]
+    pub on_reset: OnReset,
+    /// Seconds after which the VM is stopped (exit status 124).
+    #[serde(default)]
+    pub timeout_secs: Option<u64>,
+}
+
+impl Default for VmConfig {
+    fn default() -> Self {
+        Self {
+            cpus: CpusConfig::default(),
+            memory: MemoryConfig::default(),
+            payload: PayloadConfig::default(),
+            serial: ConsoleConfig::tty(),
+            console: ConsoleConfig::off(),
+            on_reset: OnReset::Reboot,
+            timeout_secs: None,
+        }
+    }
+}
+
+impl VmConfig {
+    /// Checks the configuration as a whole; on success it can be booted.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let cpus = &self.cpus;
+        if cpus.boot_vcpus == 0 || cpus.boot_vcpus > MAX_VCPUS {
+            return Err(invalid(format!(
+                "--cpus: {} vCPUs requested; zvmm supports 1 to {MAX_VCPUS}",
+                cpus.boot_vcpus
+            )));
+        }
+        if cpus.max_vcpus != 0 && cpus.max_vcpus != cpus.boot_vcpus {
+            return Err(invalid(
+                "--cpus: max must equal boot (zvmm has no CPU hotplug)".into(),
+            ));
+        }
+        if self.memory.size < MIN_MEMORY {
+            return Err(invalid(format!(
+                "--memory: {} bytes is too small; give at least {} MiB",
+                self.memory.size,
+                MIN_MEMORY >> 20
+            )));
+        }
+        if !self.memory.size.is_multiple_of(loader::layout::PAGE_SIZE) {
+            return Err(invalid(format!(
+                "--memory: {} bytes is not a multiple of 4 KiB",
+                self.memory.size
+            )));
+        }
+        if self.payload.kernel.is_none() {
+            return Err(invalid(
+                "no kernel given: pass --kernel PATH (an ELF vmlinux or a bzImage)".into(),
+            ));
+        }
+        if self.serial.mode == ConsoleMode::File && self.serial.file.is_none() {
+            return Err(invalid("--serial file: needs a path (file=PATH)".into()));
+        }
+        if self.console.mode != ConsoleMode::Off {
+            return Err(invalid(
+                "--console: zvmm has no virtio-console; use --console off and --serial".into(),
+            ));
+        }
+        if self.timeout_secs == Some(0) {
+            return Err(invalid("--timeout: must be at least 1 second".into()));
+        }
+        Ok(())
+    }
+}
+
+fn invalid(message: String) -> ConfigError {
+    ConfigError::Invalid(message)
+}
+
+/// Parses one option's `key=value,key=value` string. A bare first item
+/// (`512M`, `stdio`) is taken as the value of the option's default key.
+pub struct OptionParser {
+    option: &'static str,
+    values: BTreeMap<String, String>,
+}
+
+impl OptionParser {
+    /// Splits `input` for `--option`, accepting only `keys`; the first key
+    /// is the default for a bare value.
+    pub fn parse(option: &'static str, keys: &[&str], input: &str) -> Result<Self, ConfigError> {
+        let mut values = BTreeMap::new();
+        for (index, item) in input.split(',').enumerate() {
+            let (key, value) = match item.split_once('=') {
+                Some((key, value)) => (key.trim(), value),
+                None if index == 0 && !keys.is_empty() => (keys[0], item),
+                None => (item.trim(), ""),
+            };
+            if !keys.contains(&key) {
+                return Err(ConfigError::UnknownKey {
+                    option: option.into(),
+                    key: key.into(),
+                    known: keys.join(", "),
+                });
+            }
+            if values.insert(key.to_string(), value.to_string()).is_some() {
+                return Err(ConfigError::DuplicateKey {
+                    option: option.into(),
+                    key: key.into(),
+                });
+            }
+        }
+        Ok(Self { option, values })
+    }
+
+    /// The raw string value of `key`, if given.
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.values.get(key).map(String::as_str)
+    }
+
+    /// `key` as a byte size (`512M`, `2G`, `65536`, `64K`).
+    pub fn size(&self, key: &str) -> Result<Option<u64>, ConfigError> {
+        self.convert(key, parse_size, "a size like 512M or 2G")
+    }
+
+    /// `key` as an unsigned number.
+    pub fn number<T: std::str::FromStr>(&self, key: &str) -> Result<Option<T>, ConfigError> {
+        self.convert(key, |v| v.parse().ok(), "a number")
+    }
+
+    /// `key` as a switch: `on`/`off` (also `true`/`false`).
+    pub fn toggle(&self, key: &str) -> Result<Option<bool>, ConfigError> {
+        self.convert(key, parse_toggle, "on or off")
+    }
+
+    fn convert<T>(
+        &self,
+        key: &str,
+        parse: impl Fn(&str) -> Option<T>,
+        expected: &str,
+    ) -> Result<Option<T>, ConfigError> {
+        let Some(value) = self.get(key) else {
+            return Ok(None);
+        };
+        parse(value)
+            .map(Some)
+            .ok_or_else(|| self.bad_value(key, value, &format!("expected {expected}")))
+    }
+
+    /// An error about `key`'s value.
+    pub fn bad_value(&self, key: &str, value: &str, why: &str) -> ConfigError {
+        ConfigError::BadValue {
+            option: self.option.into(),
+            key: key.into(),
+            value: value.into(),
+            why: why.into(),
+        }
+    }
+}
+
+/// Parses `512M`, `2G`, `64K`, `1T` or a plain byte count.
+pub fn parse_size(text: &str) -> Option<u64> {
+    let text = text.trim();
+    let (digits, shift) = match text.char_indices().last()? {
+        (i, 'K' | 'k') => (&text[..i], 10),
+        (i, 'M' | 'm') => (&text[..i], 20),
+        (i, 'G' | 'g') => (&text[..i], 30),
+        (i, 'T' | 't') => (&text[..i], 40),
+        _ => (text, 0),
+    };
+    let number: u64 = digits.parse().ok()?;
+    number.checked_mul(1u64 << shift)
+}
+
+fn parse_toggle(text: &str) -> Option<bool> {
+    match text {
+        "on" | "true" | "yes" | "" => Some(true),
+        "off" | "false" | "no" => Some(false),
+        _ => None,
+    }
+}
+
+/// Parses `--cpus N` or `--cpus boot=N[,max=N]`.
+pub fn parse_cpus(input: &str) -> Result<CpusConfig, ConfigError> {
+    let options = OptionParser::parse("cpus", &["boot", "max"], input)?;
+    let boot_vcpus = options.number::<u8>("boot")?.unwrap_or(1);
+    let max_vcpus = options.number::<u8>("max")?.unwrap_or(boot_vcpus);
+    Ok(CpusConfig {
+        boot_vcpus,
+        max_vcpus,
+    })
+}
+
+/// Parses `--memory 512M` or `--memory size=512M[,shared=on]`.
+pub fn parse_memory(input: &str) -> Result<MemoryConfig, ConfigError> {
+    let options = OptionParser::parse("memory", &["size", "shared"], input)?;
+    let defaults = MemoryConfig::default();
+    Ok(MemoryConfig {
+        size: options.size("size")?.unwrap_or(defaults.size),
+        shared: options.toggle("shared")?.unwrap_or(false),
+    })
+}
+
+/// Parses `--serial` / `--console`: `off`, `pty`, `tty`, `stdio`, `null`,
+/// `file=PATH` (a bare `PATH` with a `/` is taken as a file too).
+pub fn parse_console(option: &'static str, input: &str) -> Result<ConsoleConfig, ConfigError> {
+    let options = OptionParser::parse(option, &["mode", "file"], input)?;
+    if let Some(file) = options.get("file") {
+        if file.is_empty() {
+            return Err(options.bad_value("file", file, "expected a path"));
+        }
+        return Ok(ConsoleConfig {
+            mode: ConsoleMode::File,
+            file: Some(PathBuf::from(file)),
+        });
+    }
+    let mode = options.get("mode").unwrap_or("tty");
+    let mode = match mode {
+        "off" => ConsoleMode::Off,
+        "pty" => ConsoleMode::Pty,
+        "tty" | "stdio" => ConsoleMode::Tty,
+        "null" => ConsoleMode::Null,
+        other => {
+            return Err(options.bad_value(
+                "mode",
+                other,
+                "expected off, pty, tty, stdio, null or file=PATH",
+            ))
+        }
+    };
+    Ok(ConsoleConfig { mode, file: None })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_with_suffixes() {
+        assert_eq!(parse_size("512M"), Some(512 << 20));
+        assert_eq!(parse_size("2G"), Some(2 << 30));
+        assert_eq!(parse_size("64k"), Some(64 << 10));
+        assert_eq!(parse_size("4096"), Some(4096));
+        assert_eq!(parse_size("M"), None);
+        assert_eq!(parse_size("12X"), None);
+        assert_eq!(parse_size("99999999999T"), None);
+    }
+
+    #[test]
+    fn cpus_accept_bare_and_keyed_forms() {
+        assert_eq!(parse_cpus("2").unwrap().boot_vcpus, 2);
+        let cpus = parse_cpus("boot=4").unwrap();
+        assert_eq!((cpus.boot_vcpus, cpus.max_vcpus), (4, 4));
+        assert!(matches!(
+            parse_cpus("boot=x"),
+            Err(ConfigError::BadValue { .. })
+        ));
+        assert!(matches!(
+            parse_cpus("bot=2"),
+            Err(ConfigError::UnknownKey { .. })
+        ));
+        assert!(matches!(
+            parse_cpus("boot=2,boot=3"),
+            Err(ConfigError::DuplicateKey { .. })
+        ));
+    }
+
+    #[test]
+    fn memory_accepts_bare_and_keyed_forms() {
+        assert_eq!(parse_memory("512M").unwrap().size, 512 << 20);
+        let memory = parse_memory("size=1G,shared=on").unwrap();
+        assert_eq!((memory.size, memory.shared), (1 << 30, true));
+        let err = parse_memory("size=1G,shared=maybe").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "--memory: bad value 'maybe' for 'shared': expected on or off"
+        );
+    }
+
+    #[test]
+    fn console_modes_parse() {
+        assert_eq!(
+            parse_console("serial", "off").unwrap().mode,
+            ConsoleMode::Off
+        );
+        assert_eq!(
+            parse_console("serial", "stdio").unwrap().mode,
+            ConsoleMode::Tty
+        );
+        assert_eq!(
+            parse_console("serial", "pty").unwrap().mode,
+            ConsoleMode::Pty
+        );
+        let file = parse_console("serial", "file=/tmp/log").unwrap();
+        assert_eq!(file.mode, ConsoleMode::File);
+        assert_eq!(file.file, Some(PathBuf::from("/tmp/log")));
+        assert!(parse_console("serial", "socket").is_err());
+        assert!(parse_console("serial", "file=").is_err());
+    }
+
+    fn bootable() -> VmConfig {
+        VmConfig {
+            payload: PayloadConfig {
+                kernel: Some("/k".into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn validate_accepts_a_plain_config() {
+        assert_eq!(bootable().validate(), Ok(()));
+    }
+
+    #[test]
+    fn validate_rejects_bad_combinations() {
+        let mut config = bootable();
+        config.cpus.boot_vcpus = 0;
+        assert!(config.validate().is_err());
+        let mut config = bootable();
+        config.memory.size = 1 << 20;
+        assert!(config
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("too small"));
+        let mut config = bootable();
+        config.payload.kernel = None;
+        assert!(config
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("--kernel"));
+        let mut config = bootable();
+        config.console.mode = ConsoleMode::Tty;
+        assert!(config.validate().is_err());
+        let mut config = bootable();
+        config.timeout_secs = Some(0);
+        assert!(config.validate().is_err());
+    }
+
+    #[test]
+    fn config_round_trips_through_json() {
+        let config = bootable();
+        let json = serde_json::to_string(&config).unwrap();
+        let back: VmConfig = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, config);
+        let minimal: VmConfig =
+            serde_json::from_str(r#"{"payload":{"kernel":"/k"},"cpus":{"boot_vcpus":2}}"#).unwrap();
+        assert_eq!(minimal.cpus.boot_vcpus, 2);
+        assert_eq!(minimal.memory.size, 512 << 20);
+    }
+}
