@@ -1,3 +1,4 @@
 //! End-to-end test helpers.
 pub mod probe;
 pub mod qemu;
+pub mod zvmm;
