@@ -122,8 +122,10 @@ impl Vcpu {
             }
         }
         KVM_RUN.with(|cell| cell.set(std::ptr::null_mut()));
-        if std::env::var_os("ZVMM_DEBUG_REGS").is_some() {
-            eprintln!("vcpu{}: {}", self.index, dump_registers(&self.fd));
+        if self.lifecycle.reason() == Some(StopReason::Timeout) {
+            // Where a hung guest was is the first thing its developer asks.
+            let dump = dump_registers(&self.fd).replace('\n', " ");
+            eprintln!("zvmm: timeout: vcpu{} was at {dump}", self.index);
         }
     }
 
