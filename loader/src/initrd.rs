@@ -31,6 +31,12 @@ pub enum InitrdError {
         #[source]
         source: io::Error,
     },
+    /// The path is a directory.
+    #[error("initrd {} is a directory; pass a cpio archive file", .path.display())]
+    Directory {
+        /// Initrd path.
+        path: PathBuf,
+    },
     /// The file is empty.
     #[error("initrd {} is empty; pass a cpio archive or leave out --initrd", .path.display())]
     Empty {
@@ -79,7 +85,13 @@ pub fn load_initrd<M: GuestMemoryBackend>(
         source,
     };
     let mut file = File::open(path).map_err(open_err)?;
-    let size = file.metadata().map_err(open_err)?.len();
+    let metadata = file.metadata().map_err(open_err)?;
+    if metadata.is_dir() {
+        return Err(InitrdError::Directory {
+            path: path.to_path_buf(),
+        });
+    }
+    let size = metadata.len();
     if size == 0 {
         return Err(InitrdError::Empty {
             path: path.to_path_buf(),
@@ -127,6 +139,23 @@ fn place(size: u64, ram_size: u64, kernel_end: u64, max_addr: Option<u64>) -> Op
 mod tests {
     use super::*;
     use crate::kernel::testimg::{guest_memory, read_guest, TempFile, TEST_RAM};
+
+    #[test]
+    fn a_directory_is_refused_by_name() {
+        let mem = guest_memory(TEST_RAM);
+        let err = load_initrd(
+            &mem,
+            Path::new("/"),
+            TEST_RAM,
+            GuestAddress(0x20_0000),
+            None,
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "initrd / is a directory; pass a cpio archive file"
+        );
+    }
 
     fn content(len: usize) -> Vec<u8> {
         (0..len).map(|i| (i % 251) as u8).collect()

@@ -129,9 +129,17 @@ impl VmArgs {
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
+        Err(e) if e.use_stderr() => {
+            eprintln!(
+                "zvmm: {}; see zvmm --help",
+                first_line(&e.render().to_string())
+            );
+            return ExitCode::from(EXIT_USAGE as u8);
+        }
         Err(e) => {
+            // --help and --version.
             let _ = e.print();
-            return ExitCode::from(if e.use_stderr() { EXIT_USAGE as u8 } else { 0 });
+            return ExitCode::SUCCESS;
         }
     };
     let status = match cli.command {
@@ -145,6 +153,12 @@ fn main() -> ExitCode {
         },
     };
     ExitCode::from(status as u8)
+}
+
+/// Clap's message without its "error: " prefix and usage block.
+fn first_line(rendered: &str) -> &str {
+    let line = rendered.lines().next().unwrap_or_default();
+    line.strip_prefix("error: ").unwrap_or(line)
 }
 
 /// Prints an error as one line with its causes; returns the exit status.
