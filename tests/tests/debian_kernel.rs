@@ -40,8 +40,14 @@ fn debian_bzimage() -> PathBuf {
     bzimage
 }
 
-/// The vmlinux inside the Debian bzImage, extracted with `loader::extract`.
+/// The vmlinux inside the Debian bzImage, extracted with `loader::extract`
+/// once per test process.
 fn debian_vmlinux() -> PathBuf {
+    static VMLINUX: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    VMLINUX.get_or_init(extract_debian_vmlinux).clone()
+}
+
+fn extract_debian_vmlinux() -> PathBuf {
     let image = std::fs::read(debian_bzimage()).expect("cannot read the Debian bzImage");
     let vmlinux = loader::extract::extract_vmlinux(&image).expect("extracting vmlinux failed");
     assert_eq!(&vmlinux[..4], b"\x7fELF");
@@ -147,6 +153,31 @@ fn debian_kernel_early_boot_sees_our_platform() {
     eprintln!(
         "Debian kernel early boot verified in {:?}",
         started.elapsed()
+    );
+}
+
+/// A kernel that prints nothing before the timeout (no console on its
+/// command line) gets a hint naming the console options.
+#[test]
+fn silent_kernel_gets_a_console_hint() {
+    let vmlinux = debian_vmlinux();
+    let output = Command::new(zvmm_bin())
+        .args([
+            "--kernel",
+            &vmlinux.display().to_string(),
+            "--cmdline",
+            "quiet",
+        ])
+        .args(["--memory", "256M", "--timeout", "2"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("cannot run zvmm");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(124), "{stderr}");
+    assert!(output.stdout.is_empty(), "{stderr}");
+    assert!(
+        stderr.contains("zvmm: hint: the guest printed nothing and its command line names no serial console; add console=ttyS0"),
+        "{stderr}"
     );
 }
 

@@ -115,8 +115,10 @@ pub enum ConsoleMode {
     Tty,
     /// A file.
     File,
-    /// Standard output, input from standard input.
+    /// Present, output discarded.
     Null,
+    /// Standard output and a file.
+    Tee,
 }
 
 /// A console device's configuration (cloud-hypervisor's `ConsoleConfig`).
@@ -182,6 +184,23 @@ pub struct VmConfig {
     /// Seconds after which the VM is stopped (exit status 124).
     #[serde(default)]
     pub timeout_secs: Option<u64>,
+    /// Console patterns and the boot timeline.
+    #[serde(default)]
+    pub watch: WatchConfig,
+}
+
+/// What to look for on the console (kernel developers' options).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WatchConfig {
+    /// Regexes that must all match console lines, in order; then exit 0.
+    #[serde(default)]
+    pub expect: Vec<String>,
+    /// Regexes that end the VM with status 5 on the first matching line.
+    #[serde(default)]
+    pub fail_on: Vec<String>,
+    /// Print the boot timeline on stderr at exit.
+    #[serde(default)]
+    pub boot_timer: bool,
 }
 
 impl Default for VmConfig {
@@ -194,6 +213,7 @@ impl Default for VmConfig {
             console: ConsoleConfig::off(),
             on_reset: OnReset::Reboot,
             timeout_secs: None,
+            watch: WatchConfig::default(),
         }
     }
 }
@@ -231,8 +251,23 @@ impl VmConfig {
                 "no kernel given: pass --kernel PATH (an ELF vmlinux or a bzImage)".into(),
             ));
         }
-        if self.serial.mode == ConsoleMode::File && self.serial.file.is_none() {
-            return Err(invalid("--serial file: needs a path (file=PATH)".into()));
+        let needs_file = matches!(self.serial.mode, ConsoleMode::File | ConsoleMode::Tee);
+        if needs_file && self.serial.file.is_none() {
+            return Err(invalid(
+                "--serial file/tee: needs a path (file=PATH)".into(),
+            ));
+        }
+        let watching = !self.watch.expect.is_empty() || !self.watch.fail_on.is_empty();
+        if watching && self.serial.mode == ConsoleMode::Off {
+            return Err(invalid(
+                "--expect/--fail-on: need the serial console; don't pass --serial off".into(),
+            ));
+        }
+        for (option, patterns) in [
+            ("expect", &self.watch.expect),
+            ("fail-on", &self.watch.fail_on),
+        ] {
+            crate::watch::compile(option, patterns).map_err(|e| invalid(e.one_line()))?;
         }
         if self.console.mode != ConsoleMode::Off {
             return Err(invalid(
@@ -374,17 +409,19 @@ pub fn parse_memory(input: &str) -> Result<MemoryConfig, ConfigError> {
 }
 
 /// Parses `--serial` / `--console`: `off`, `pty`, `tty`, `stdio`, `null`,
-/// `file=PATH` (a bare `PATH` with a `/` is taken as a file too).
+/// `file=PATH`, `tee=PATH` (stdout and a file).
 pub fn parse_console(option: &'static str, input: &str) -> Result<ConsoleConfig, ConfigError> {
-    let options = OptionParser::parse(option, &["mode", "file"], input)?;
-    if let Some(file) = options.get("file") {
-        if file.is_empty() {
-            return Err(options.bad_value("file", file, "expected a path"));
+    let options = OptionParser::parse(option, &["mode", "file", "tee"], input)?;
+    for (key, mode) in [("file", ConsoleMode::File), ("tee", ConsoleMode::Tee)] {
+        if let Some(file) = options.get(key) {
+            if file.is_empty() {
+                return Err(options.bad_value(key, file, "expected a path"));
+            }
+            return Ok(ConsoleConfig {
+                mode,
+                file: Some(PathBuf::from(file)),
+            });
         }
-        return Ok(ConsoleConfig {
-            mode: ConsoleMode::File,
-            file: Some(PathBuf::from(file)),
-        });
     }
     let mode = options.get("mode").unwrap_or("tty");
     let mode = match mode {
@@ -466,6 +503,11 @@ mod tests {
         let file = parse_console("serial", "file=/tmp/log").unwrap();
         assert_eq!(file.mode, ConsoleMode::File);
         assert_eq!(file.file, Some(PathBuf::from("/tmp/log")));
+        let tee = parse_console("serial", "tee=/tmp/log").unwrap();
+        assert_eq!(
+            (tee.mode, tee.file),
+            (ConsoleMode::Tee, Some(PathBuf::from("/tmp/log")))
+        );
         assert!(parse_console("serial", "socket").is_err());
         assert!(parse_console("serial", "file=").is_err());
     }
@@ -510,6 +552,21 @@ mod tests {
         let mut config = bootable();
         config.timeout_secs = Some(0);
         assert!(config.validate().is_err());
+        let mut config = bootable();
+        config.watch.fail_on = vec!["(".into()];
+        assert!(config
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("--fail-on"));
+        let mut config = bootable();
+        config.watch.expect = vec!["login".into()];
+        config.serial = ConsoleConfig::off();
+        assert!(config
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("--serial off"));
     }
 
     #[test]

@@ -67,6 +67,15 @@ pub fn open_console(config: &ConsoleConfig) -> Result<Option<ConsoleEndpoints>, 
                 pty_path: None,
             }
         }
+        ConsoleMode::Tee => {
+            let path = config.file.clone().unwrap_or_default();
+            let file = File::create(&path).map_err(|source| ConsoleError::File { path, source })?;
+            ConsoleEndpoints {
+                output: Box::new(TeeWriter(file)),
+                input: duplicate_stdin(),
+                pty_path: None,
+            }
+        }
         ConsoleMode::Pty => open_pty()?,
     };
     Ok(Some(endpoints))
@@ -85,6 +94,22 @@ impl Write for StdoutWriter {
 
     fn flush(&mut self) -> std::io::Result<()> {
         std::io::stdout().flush()
+    }
+}
+
+/// Standard output and a log file.
+struct TeeWriter(File);
+
+impl Write for TeeWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let written = StdoutWriter.write(buf)?;
+        self.0.write_all(&buf[..written])?;
+        Ok(written)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        StdoutWriter.flush()?;
+        self.0.flush()
     }
 }
 

@@ -13,4 +13,5 @@ pub mod regs;
 pub mod signals;
 pub mod vcpu;
 pub mod vm;
+pub mod watch;
 pub mod writer;

@@ -18,6 +18,8 @@ pub const EXIT_USAGE: i32 = 2;
 pub const EXIT_RESET: i32 = 3;
 /// Exit status: KVM or instruction-emulation failure.
 pub const EXIT_CRASH: i32 = 4;
+/// Exit status: a `--fail-on` pattern matched the console.
+pub const EXIT_FAIL_PATTERN: i32 = 5;
 /// Exit status: `--timeout` expired.
 pub const EXIT_TIMEOUT: i32 = 124;
 /// Exit status base for a terminating signal (128 + signal number).
@@ -44,6 +46,15 @@ pub enum StopReason {
     },
     /// `--timeout` expired.
     Timeout,
+    /// Every `--expect` pattern matched the console.
+    Expected,
+    /// A `--fail-on` pattern matched a console line.
+    FailPattern {
+        /// The pattern.
+        pattern: String,
+        /// The console line it matched.
+        line: String,
+    },
     /// SIGTERM or SIGINT.
     Signal(i32),
 }
@@ -57,7 +68,8 @@ impl StopReason {
     /// The process exit status for this reason, when zvmm ends on it.
     pub fn exit_status(&self) -> i32 {
         match self {
-            StopReason::PowerOff => EXIT_POWEROFF,
+            StopReason::PowerOff | StopReason::Expected => EXIT_POWEROFF,
+            StopReason::FailPattern { .. } => EXIT_FAIL_PATTERN,
             StopReason::Reset | StopReason::TripleFault { .. } => EXIT_RESET,
             StopReason::Crash { .. } => EXIT_CRASH,
             StopReason::Timeout => EXIT_TIMEOUT,
@@ -140,6 +152,12 @@ mod tests {
         };
         assert_eq!(crash.exit_status(), 4);
         assert_eq!(StopReason::Timeout.exit_status(), 124);
+        assert_eq!(StopReason::Expected.exit_status(), 0);
+        let fail = StopReason::FailPattern {
+            pattern: "x".into(),
+            line: "x".into(),
+        };
+        assert_eq!(fail.exit_status(), 5);
         assert_eq!(StopReason::Signal(15).exit_status(), 143);
         assert!(StopReason::TripleFault { vcpu: 1 }.is_reset());
         assert!(!StopReason::PowerOff.is_reset());

@@ -7,20 +7,25 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use vmm::config::{self, ConfigError, OnReset, PayloadConfig, VmConfig};
+use vmm::config::{self, ConfigError, OnReset, PayloadConfig, VmConfig, WatchConfig};
 use vmm::lifecycle::{StopReason, EXIT_ERROR, EXIT_USAGE};
+
+/// Exit status: the guest powered off before every --expect matched.
+const EXIT_EXPECT_UNMET: i32 = 6;
 use vmm::vm::Vmm;
 
 const EXIT_STATUSES: &str = "\
 Exit status:
-  0    the guest powered off (ACPI S5)
+  0    the guest powered off (ACPI S5), or every --expect pattern matched
   1    configuration or host error (missing kernel, no /dev/kvm, ...)
   2    usage error (unknown option, bad option syntax)
   3    the guest reset itself and --no-reboot was given (a triple fault
        counts as a reset)
   4    KVM could not run the guest (emulation or entry failure); the vCPU
        registers are printed on stderr
-  124  --timeout expired
+  5    a --fail-on pattern matched a console line (the line is printed)
+  6    the guest powered off before every --expect pattern matched
+  124  --timeout expired (unmatched --expect patterns are listed)
   130, 143  ended by SIGINT (or Ctrl-A x on the console) / SIGTERM
 
 Console: with --serial tty (the default) the terminal is put in raw mode and
@@ -81,6 +86,15 @@ struct VmArgs {
     /// Stop the VM after SECS seconds with status 124.
     #[arg(long, value_name = "SECS")]
     timeout: Option<u64>,
+    /// Exit 0 once console lines have matched every REGEX, in order.
+    #[arg(long, value_name = "REGEX")]
+    expect: Vec<String>,
+    /// Exit 5 as soon as a console line matches REGEX (e.g. 'Kernel panic').
+    #[arg(long, value_name = "REGEX")]
+    fail_on: Vec<String>,
+    /// Print the boot timeline (ms since process start) on stderr at exit.
+    #[arg(long)]
+    boot_timer: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -120,6 +134,11 @@ impl VmArgs {
                 OnReset::Reboot
             },
             timeout_secs: self.timeout,
+            watch: WatchConfig {
+                expect: self.expect,
+                fail_on: self.fail_on,
+                boot_timer: self.boot_timer,
+            },
         };
         config.validate()?;
         Ok(config)
@@ -127,6 +146,7 @@ impl VmArgs {
 }
 
 fn main() -> ExitCode {
+    vmm::watch::process_start();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) if e.use_stderr() => {
@@ -170,11 +190,52 @@ fn report(result: anyhow::Result<i32>) -> i32 {
 }
 
 fn boot(config: VmConfig) -> anyhow::Result<i32> {
+    let boot_timer = config.watch.boot_timer;
+    let cmdline = config.payload.cmdline.clone().unwrap_or_default();
     let mut vmm = Vmm::new(config)?;
     let reason = vmm.run()?;
+    let summary = vmm.console_summary();
     drop(vmm);
     describe_stop(&reason);
-    Ok(reason.exit_status())
+    let mut status = reason.exit_status();
+    if !summary.unmatched.is_empty() {
+        eprintln!(
+            "zvmm: --expect never matched: {}",
+            summary.unmatched.join(", ")
+        );
+        if reason == StopReason::PowerOff {
+            status = EXIT_EXPECT_UNMET;
+        }
+    }
+    if let Some(hint) = silent_guest_hint(&reason, summary.saw_output, &cmdline) {
+        eprintln!("zvmm: hint: {hint}");
+    }
+    if boot_timer {
+        eprint!("{}", summary.timeline.render());
+    }
+    Ok(status)
+}
+
+/// Advice when a guest that failed never wrote to the console.
+fn silent_guest_hint(reason: &StopReason, saw_output: bool, cmdline: &str) -> Option<&'static str> {
+    let failed = !matches!(
+        reason,
+        StopReason::PowerOff | StopReason::Expected | StopReason::Signal(_)
+    );
+    if saw_output || !failed {
+        return None;
+    }
+    let has_console = cmdline.contains("console=ttyS0") || cmdline.contains("console=uart");
+    let has_early = cmdline.contains("earlyprintk=") || cmdline.contains("earlycon");
+    Some(match (has_console, has_early) {
+        (false, false) => {
+            "the guest printed nothing and its command line names no serial console; add console=ttyS0 (and earlyprintk=serial,ttyS0,115200 to see early boot)"
+        }
+        (true, false) => {
+            "the guest printed nothing; add earlyprintk=serial,ttyS0,115200 to the command line to see early boot messages"
+        }
+        _ => "the guest printed nothing, even with an early console: it stopped before its console code ran (try zvmm kernel inspect on the image)",
+    })
 }
 
 fn describe_stop(reason: &StopReason) {
@@ -186,6 +247,10 @@ fn describe_stop(reason: &StopReason) {
         }
         StopReason::Crash { vcpu, detail } => eprintln!("zvmm: vCPU {vcpu} stopped: {detail}"),
         StopReason::Timeout => eprintln!("zvmm: timeout: VM stopped"),
+        StopReason::Expected => {}
+        StopReason::FailPattern { pattern, line } => {
+            eprintln!("zvmm: --fail-on '{pattern}' matched: {line}")
+        }
         StopReason::Signal(signal) => eprintln!("zvmm: stopped by signal {signal}"),
     }
 }

@@ -76,6 +76,8 @@ pub struct Vcpu {
     pub lifecycle: Arc<Lifecycle>,
     /// Set when the VM is stopping.
     pub stop: Arc<AtomicBool>,
+    /// Called once, just before the first KVM_RUN.
+    pub on_first_entry: Option<Box<dyn FnOnce() + Send>>,
 }
 
 /// A running vCPU thread.
@@ -115,6 +117,9 @@ impl Vcpu {
 
     fn run(mut self) {
         KVM_RUN.with(|cell| cell.set(self.fd.get_kvm_run() as *mut kvm_run));
+        if let Some(on_first_entry) = self.on_first_entry.take() {
+            on_first_entry();
+        }
         while !self.stop.load(Ordering::Acquire) {
             if let Some(reason) = self.run_once() {
                 self.lifecycle.stop(reason);

@@ -26,6 +26,7 @@ use crate::platform::{create_interrupt_controllers, create_platform};
 use crate::regs::{self, EntryMode};
 use crate::signals;
 use crate::vcpu::{install_kick_handler, Vcpu, VcpuHandle};
+use crate::watch::{compile, process_start, ConsoleWatcher, Timeline, WatchedOutput};
 use crate::writer::SharedWriter;
 
 /// The VM could not be built or run.
@@ -105,13 +106,30 @@ pub struct Vmm {
     output: Option<SharedWriter>,
     input: Option<File>,
     deadline: Option<Instant>,
+    watcher: Arc<Mutex<ConsoleWatcher>>,
     _raw_terminal: Option<RawTerminal>,
+}
+
+/// What the console showed during a run, for the exit report.
+pub struct ConsoleSummary {
+    /// The boot timeline, ending with the exit.
+    pub timeline: Timeline,
+    /// `--expect` patterns that never matched.
+    pub unmatched: Vec<String>,
+    /// Whether the guest wrote anything to the serial console.
+    pub saw_output: bool,
 }
 
 impl Vmm {
     /// Checks `config`, opens KVM and the console's host side.
     pub fn new(mut config: VmConfig) -> Result<Self, VmError> {
         config.validate()?;
+        let start = process_start();
+        let watcher = ConsoleWatcher::new(
+            start,
+            compile("expect", &config.watch.expect).map_err(invalid_pattern)?,
+            compile("fail-on", &config.watch.fail_on).map_err(invalid_pattern)?,
+        );
         let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
         check_capabilities(&kvm)?;
         install_kick_handler()?;
@@ -127,7 +145,7 @@ impl Vmm {
             }
             None => (None, None),
         };
-        let raw_terminal = if config.serial.mode == ConsoleMode::Tty {
+        let raw_terminal = if matches!(config.serial.mode, ConsoleMode::Tty | ConsoleMode::Tee) {
             RawTerminal::enable()
         } else {
             None
@@ -141,8 +159,20 @@ impl Vmm {
             output,
             input,
             deadline,
+            watcher: Arc::new(Mutex::new(watcher)),
             _raw_terminal: raw_terminal,
         })
+    }
+
+    /// What the console showed so far, with an "exit" mark added now.
+    pub fn console_summary(&self) -> ConsoleSummary {
+        let mut watcher = lock_watcher(&self.watcher);
+        watcher.mark("exit");
+        ConsoleSummary {
+            timeline: watcher.timeline().clone(),
+            unmatched: watcher.unmatched().iter().map(|s| s.to_string()).collect(),
+            saw_output: watcher.saw_output(),
+        }
     }
 
     /// The configuration in force (with the pty path filled in).
@@ -164,8 +194,17 @@ impl Vmm {
 
     fn boot_once(&mut self) -> Result<StopReason, VmError> {
         let lifecycle = Arc::new(Lifecycle::new().map_err(host_error("an eventfd"))?);
-        let machine = Machine::build(&self.kvm, &self.config, self.output.clone(), &lifecycle)?;
-        let running = machine.start()?;
+        lock_watcher(&self.watcher).attach(lifecycle.clone());
+        let output = self.output.clone().map(|inner| {
+            Box::new(WatchedOutput::new(inner, self.watcher.clone()))
+                as Box<dyn std::io::Write + Send>
+        });
+        let machine = Machine::build(&self.kvm, &self.config, output, &lifecycle)?;
+        let watcher = self.watcher.clone();
+        let on_first_entry =
+            Box::new(move || lock_watcher(&watcher).mark("first guest entry (vCPU 0)"));
+        let running = machine.start(on_first_entry)?;
+        lock_watcher(&self.watcher).mark("VM ready (vCPUs started)");
         let result = self.event_loop(&running, &lifecycle);
         running.stop();
         result?;
@@ -200,9 +239,18 @@ impl Vmm {
                 Err(event_manager::Error::Epoll(e)) if e.errno() == libc::EINTR => {}
                 Err(e) => return Err(VmError::EventLoop(e)),
             }
+            lock_watcher(&self.watcher).check_partial_line();
         }
         Ok(())
     }
+}
+
+fn lock_watcher(watcher: &Mutex<ConsoleWatcher>) -> std::sync::MutexGuard<'_, ConsoleWatcher> {
+    watcher.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn invalid_pattern(e: crate::watch::WatchError) -> VmError {
+    VmError::Config(crate::config::ConfigError::Invalid(e.one_line()))
 }
 
 fn check_capabilities(kvm: &Kvm) -> Result<(), VmError> {
@@ -238,7 +286,7 @@ impl Machine {
     fn build(
         kvm: &Kvm,
         config: &VmConfig,
-        output: Option<SharedWriter>,
+        output: Option<Box<dyn std::io::Write + Send>>,
         lifecycle: &Arc<Lifecycle>,
     ) -> Result<Self, VmError> {
         let vm = kvm.create_vm().map_err(kvm_error("create a VM"))?;
@@ -247,7 +295,6 @@ impl Machine {
         let ram = create_guest_ram(ram_size, config.memory.shared)?;
         register_guest_ram(&vm, &ram)?;
         let cpus = config.cpus.boot_vcpus;
-        let output = output.map(|w| Box::new(w) as Box<dyn std::io::Write + Send>);
         let platform = create_platform(&vm, cpus, ram_size, output, lifecycle)?;
         let (kernel, boot_info) = load_payload(&ram, config, &platform.acpi)?;
         let vcpus = create_vcpus(kvm, &vm, cpus)?;
@@ -271,7 +318,8 @@ impl Machine {
         })
     }
 
-    fn start(self) -> Result<RunningMachine, VmError> {
+    fn start(self, on_first_entry: Box<dyn FnOnce() + Send>) -> Result<RunningMachine, VmError> {
+        let mut on_first_entry = Some(on_first_entry);
         let stop = Arc::new(AtomicBool::new(false));
         let mut running = RunningMachine {
             _vm: self._vm,
@@ -288,6 +336,7 @@ impl Machine {
                 mmio: self.mmio.clone(),
                 lifecycle: self.lifecycle.clone(),
                 stop: stop.clone(),
+                on_first_entry: on_first_entry.take(),
             };
             // On failure `running` is dropped, which stops the started ones.
             running.handles.push(vcpu.start()?);
