@@ -4,6 +4,8 @@
 //! reset through [`VmControl`].
 
 pub mod legacy;
+pub mod pci;
+pub mod virtio;
 
 /// A device register window on a port-I/O or MMIO bus.
 pub trait BusDevice: Send {

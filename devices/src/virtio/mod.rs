@@ -1,0 +1,78 @@
+//! Virtio devices, independent of the transport: the [`VirtioDevice`]
+//! trait that a transport (virtio-pci) drives through feature
+//! negotiation, configuration space and activation, and the
+//! [`VirtioInterrupt`] a device raises towards the driver.
+
+use std::sync::Arc;
+
+use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+/// Guest memory as devices see it.
+pub type GuestMemory = GuestMemoryMmap<()>;
+
+/// Feature bit: the device complies with virtio 1.x (VIRTIO_F_VERSION_1).
+pub const VIRTIO_F_VERSION_1: u32 = 32;
+
+/// Which interrupt a device raises.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InterruptKind {
+    /// The device configuration changed.
+    Config,
+    /// Buffers were used on this queue.
+    Queue(u16),
+}
+
+/// Delivers device interrupts to the driver (MSI-X vectors on PCI).
+pub trait VirtioInterrupt: Send + Sync {
+    /// Raises `kind`; must not block.
+    fn trigger(&self, kind: InterruptKind) -> std::io::Result<()>;
+}
+
+/// Activation failed; the transport sets DEVICE_NEEDS_RESET / FAILED.
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    /// The driver set up queues the device can't use.
+    #[error("bad queue setup: {0}")]
+    BadQueue(String),
+    /// A host resource (thread, eventfd, file) could not be set up.
+    #[error("cannot start the device backend")]
+    Backend(#[source] std::io::Error),
+}
+
+/// What a transport hands a device when the driver sets DRIVER_OK.
+pub struct ActivateContext {
+    /// Guest memory.
+    pub mem: GuestMemory,
+    /// Interrupt delivery.
+    pub interrupt: Arc<dyn VirtioInterrupt>,
+    /// The queues the driver enabled, in index order, with their
+    /// notification eventfds (ioeventfds written by KVM on a kick).
+    pub queues: Vec<(u16, Queue, EventFd)>,
+}
+
+/// A virtio device model.
+pub trait VirtioDevice: Send {
+    /// Virtio device ID (2 = block, 1 = net, 26 = fs).
+    fn device_type(&self) -> u32;
+    /// Maximum size of each queue; the length is the number of queues.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// Features the device offers (VERSION_1 included).
+    fn device_features(&self) -> u64;
+    /// The features the driver accepted (a subset of the offer).
+    fn ack_features(&mut self, features: u64);
+    /// Reads device-specific configuration space.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Writes device-specific configuration space.
+    fn write_config(&mut self, offset: u64, data: &[u8]);
+    /// Starts processing the queues (driver set DRIVER_OK).
+    fn activate(&mut self, context: ActivateContext) -> Result<(), ActivateError>;
+    /// Stops processing and forgets negotiated state (driver reset);
+    /// returns the queue eventfds handed over at activation, if any.
+    fn reset(&mut self) -> Vec<EventFd>;
+    /// Per-device counters (requests, bytes, errors) for `vm.counters`.
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        Vec::new()
+    }
+}
