@@ -187,7 +187,29 @@ pub struct VmConfig {
     /// Console patterns and the boot timeline.
     #[serde(default)]
     pub watch: WatchConfig,
+    /// virtio-blk disks (cloud-hypervisor's `disks`).
+    #[serde(default)]
+    pub disks: Vec<DiskConfig>,
 }
+
+/// One virtio-blk disk (cloud-hypervisor's `DiskConfig` subset).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskConfig {
+    /// Raw image file or block device.
+    pub path: PathBuf,
+    /// Read-only for the guest (and opened read-only on the host).
+    #[serde(default)]
+    pub readonly: bool,
+    /// Serial returned to VIRTIO_BLK_T_GET_ID (at most 20 bytes).
+    #[serde(default)]
+    pub serial: Option<String>,
+    /// Device identifier, unique in the VM.
+    #[serde(default)]
+    pub id: Option<String>,
+}
+
+/// Longest serial virtio-blk can return.
+pub const MAX_DISK_SERIAL: usize = 20;
 
 /// What to look for on the console (kernel developers' options).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -214,6 +236,7 @@ impl Default for VmConfig {
             on_reset: OnReset::Reboot,
             timeout_secs: None,
             watch: WatchConfig::default(),
+            disks: Vec::new(),
         }
     }
 }
@@ -269,6 +292,7 @@ impl VmConfig {
         ] {
             crate::watch::compile(option, patterns).map_err(|e| invalid(e.one_line()))?;
         }
+        self.validate_disks()?;
         if self.console.mode != ConsoleMode::Off {
             return Err(invalid(
                 "--console: zvmm has no virtio-console; use --console off and --serial".into(),
@@ -276,6 +300,27 @@ impl VmConfig {
         }
         if self.timeout_secs == Some(0) {
             return Err(invalid("--timeout: must be at least 1 second".into()));
+        }
+        Ok(())
+    }
+}
+
+impl VmConfig {
+    fn validate_disks(&self) -> Result<(), ConfigError> {
+        let mut ids = std::collections::BTreeSet::new();
+        for (index, disk) in self.disks.iter().enumerate() {
+            let id = disk.id.clone().unwrap_or_else(|| format!("_disk{index}"));
+            if !ids.insert(id.clone()) {
+                return Err(invalid(format!("--disk: id '{id}' used twice")));
+            }
+            if let Some(serial) = &disk.serial {
+                if serial.len() > MAX_DISK_SERIAL {
+                    return Err(invalid(format!(
+                        "--disk: serial '{serial}' is {} bytes; virtio-blk allows {MAX_DISK_SERIAL}",
+                        serial.len()
+                    )));
+                }
+            }
         }
         Ok(())
     }
@@ -408,6 +453,22 @@ pub fn parse_memory(input: &str) -> Result<MemoryConfig, ConfigError> {
     })
 }
 
+/// Parses one `--disk path=P[,readonly=on][,serial=S][,id=ID]` (a bare
+/// value is the path).
+pub fn parse_disk(input: &str) -> Result<DiskConfig, ConfigError> {
+    let options = OptionParser::parse("disk", &["path", "readonly", "serial", "id"], input)?;
+    let path = match options.get("path") {
+        Some(path) if !path.is_empty() => PathBuf::from(path),
+        _ => return Err(options.bad_value("path", "", "expected path=FILE")),
+    };
+    Ok(DiskConfig {
+        path,
+        readonly: options.toggle("readonly")?.unwrap_or(false),
+        serial: options.get("serial").map(String::from),
+        id: options.get("id").map(String::from),
+    })
+}
+
 /// Parses `--serial` / `--console`: `off`, `pty`, `tty`, `stdio`, `null`,
 /// `file=PATH`, `tee=PATH` (stdout and a file).
 pub fn parse_console(option: &'static str, input: &str) -> Result<ConsoleConfig, ConfigError> {
@@ -510,6 +571,45 @@ mod tests {
         );
         assert!(parse_console("serial", "socket").is_err());
         assert!(parse_console("serial", "file=").is_err());
+    }
+
+    #[test]
+    fn disks_parse_in_both_forms() {
+        let disk = parse_disk("path=/img/root.raw,readonly=on,serial=abc,id=root").unwrap();
+        assert_eq!(disk.path, PathBuf::from("/img/root.raw"));
+        assert!(disk.readonly);
+        assert_eq!(
+            (disk.serial.as_deref(), disk.id.as_deref()),
+            (Some("abc"), Some("root"))
+        );
+        let bare = parse_disk("/img/data.raw").unwrap();
+        assert_eq!(
+            (bare.path, bare.readonly),
+            (PathBuf::from("/img/data.raw"), false)
+        );
+        assert!(parse_disk("readonly=on").is_err());
+        assert!(parse_disk("path=/x,readonly=perhaps").is_err());
+        assert!(parse_disk("path=/x,cache=none").is_err());
+    }
+
+    #[test]
+    fn validate_checks_disk_ids_and_serials() {
+        let mut config = bootable();
+        config.disks = vec![
+            parse_disk("path=/a,id=x").unwrap(),
+            parse_disk("path=/b,id=x").unwrap(),
+        ];
+        assert!(config
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("id 'x' used twice"));
+        config.disks = vec![parse_disk("path=/a,serial=012345678901234567890").unwrap()];
+        assert!(config
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("allows 20"));
     }
 
     fn bootable() -> VmConfig {

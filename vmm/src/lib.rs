@@ -6,6 +6,7 @@ pub mod bus;
 pub mod config;
 pub mod console;
 pub mod cpuid;
+pub mod interrupts;
 pub mod lifecycle;
 pub mod memory;
 pub mod platform;
