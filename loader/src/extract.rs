@@ -3,6 +3,8 @@
 //! recognising its compression by magic, decompressing it with pure-Rust
 //! decoders, and checking the result is an ELF64 x86_64 image.
 
+pub mod lzop;
+
 use std::fmt;
 use std::io::{self, Read};
 
@@ -38,7 +40,7 @@ impl Compression {
             (b"BZh", Compression::Bzip2),
             (&[0x5d, 0x00, 0x00], Compression::Lzma),
             (b"\xfd7zXZ\0", Compression::Xz),
-            (b"\x89LZO\0\r\n\x1a\n", Compression::Lzo),
+            (lzop::LZOP_MAGIC, Compression::Lzo),
             (&LZ4_LEGACY_MAGIC.to_le_bytes(), Compression::Lz4),
             (&LZ4_FRAME_MAGIC.to_le_bytes(), Compression::Lz4),
             (&[0x28, 0xb5, 0x2f, 0xfd], Compression::Zstd),
@@ -109,12 +111,6 @@ pub enum ExtractError {
         /// Hex dump of the payload's first bytes.
         head: String,
     },
-    /// The payload's compression is recognised but not implemented.
-    #[error("bzImage payload is {method}-compressed, which zvmm cannot decompress; rebuild the kernel with another compression (e.g. CONFIG_KERNEL_LZ4 or CONFIG_KERNEL_ZSTD)")]
-    UnsupportedCompression {
-        /// The compression.
-        method: Compression,
-    },
     /// The decoder failed.
     #[error("cannot decompress the {method} payload of the bzImage; it is corrupt")]
     Decompress {
@@ -184,7 +180,7 @@ pub fn extract_vmlinux(bzimage: &[u8]) -> Result<Vec<u8>, ExtractError> {
 }
 
 /// The compressed payload, located by the setup header.
-fn payload(bzimage: &[u8]) -> Result<&[u8], ExtractError> {
+pub(crate) fn payload(bzimage: &[u8]) -> Result<&[u8], ExtractError> {
     if !has_boot_header(bzimage) {
         return Err(ExtractError::NotBzImage);
     }
@@ -254,7 +250,12 @@ fn decompress(
             read_all(lz4_flex::frame::FrameDecoder::new(payload), capacity)
         }
         Compression::Lz4 => decompress_lz4_legacy(payload, capacity),
-        Compression::Lzo => return Err(ExtractError::UnsupportedCompression { method }),
+        Compression::Lzo => {
+            lzop::decompress_lzop(payload, MAX_VMLINUX_SIZE).map_err(|err| match err {
+                lzop::LzopError::TooLarge(_) => DecodeError::TooLarge,
+                other => DecodeError::Io(io::Error::new(io::ErrorKind::InvalidData, other)),
+            })
+        }
     }
     .map_err(|err| match err {
         DecodeError::Io(source) => failed(source),
@@ -518,18 +519,43 @@ mod tests {
         assert!(err.to_string().contains("aarch64"), "{err}");
     }
 
+    /// The kernel's LZO payload: `lzop -9` output plus the appended size.
+    fn lzo(data: &[u8]) -> Vec<u8> {
+        with_size(lzop::tests::lzop(data, &["-9"]), data)
+    }
+
     #[test]
-    fn lzo_is_reported_unsupported() {
-        let mut payload = b"\x89LZO\0\r\n\x1a\n".to_vec();
-        payload.extend_from_slice(&[0; 32]);
+    fn lzo_payload_round_trips() {
+        let elf = vmlinux();
+        let payload = lzo(&elf);
+        assert!(payload.len() < elf.len(), "lzo did not compress");
         let image = bzimage(&payload);
         assert_eq!(payload_compression(&image).unwrap(), Compression::Lzo);
-        let err = extract_vmlinux(&image).unwrap_err();
-        assert!(
-            matches!(err, ExtractError::UnsupportedCompression { .. }),
-            "{err:?}"
-        );
-        assert!(err.to_string().contains("lzo"), "{err}");
+        assert_eq!(extract_vmlinux(&image).unwrap(), elf);
+    }
+
+    #[test]
+    fn corrupt_or_truncated_lzo_payload_is_an_error() {
+        let elf = vmlinux();
+        let payload = lzo(&elf);
+        let mut corrupt = payload.clone();
+        let middle = corrupt.len() / 2;
+        corrupt[middle..middle + 8].fill(0x55);
+        let truncated = with_size(payload[..payload.len() / 3].to_vec(), &elf);
+        for bad in [corrupt, truncated] {
+            let err = extract_vmlinux(&bzimage(&bad)).unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    ExtractError::Decompress {
+                        method: Compression::Lzo,
+                        ..
+                    }
+                ),
+                "{err:?}"
+            );
+            assert!(err.to_string().contains("lzo payload"), "{err}");
+        }
     }
 
     #[test]

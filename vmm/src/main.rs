@@ -95,6 +95,10 @@ struct VmArgs {
     /// Print the boot timeline (ms since process start) on stderr at exit.
     #[arg(long)]
     boot_timer: bool,
+    /// virtio-blk disk: path=FILE[,readonly=on][,serial=S][,id=ID]; repeat
+    /// the option or give several values after one --disk.
+    #[arg(long, value_name = "path=FILE[,readonly=on]", num_args = 1..)]
+    disk: Vec<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -139,6 +143,11 @@ impl VmArgs {
                 fail_on: self.fail_on,
                 boot_timer: self.boot_timer,
             },
+            disks: self
+                .disk
+                .iter()
+                .map(|disk| config::parse_disk(disk))
+                .collect::<Result<_, _>>()?,
         };
         config.validate()?;
         Ok(config)

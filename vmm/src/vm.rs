@@ -35,6 +35,9 @@ pub enum VmError {
     /// The configuration is unusable.
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
+    /// A configured feature this build does not provide.
+    #[error("{0}")]
+    Unsupported(String),
     /// /dev/kvm could not be opened.
     #[error("cannot open /dev/kvm (is KVM enabled, and may this user open it?)")]
     OpenKvm(#[source] kvm_ioctls::Error),
@@ -124,6 +127,12 @@ impl Vmm {
     /// Checks `config`, opens KVM and the console's host side.
     pub fn new(mut config: VmConfig) -> Result<Self, VmError> {
         config.validate()?;
+        if let Some(disk) = config.disks.first() {
+            return Err(VmError::Unsupported(format!(
+                "--disk {}: virtio-blk is not wired into this build yet",
+                disk.path.display()
+            )));
+        }
         let start = process_start();
         let watcher = ConsoleWatcher::new(
             start,
