@@ -6,5 +6,6 @@ pub mod acpi;
 pub mod boot;
 pub mod extract;
 pub mod initrd;
+pub mod inspect;
 pub mod kernel;
 pub mod layout;

@@ -29,7 +29,7 @@ const DEFAULT_SETUP_SECTS: u64 = 4;
 /// Sector size of the real-mode setup code.
 const SECTOR_SIZE: u64 = 512;
 /// Offset of the 64-bit entry point from the protected-mode code start.
-const ENTRY_64_OFFSET: u64 = 0x200;
+pub(crate) const ENTRY_64_OFFSET: u64 = 0x200;
 
 /// Whether `head` carries the Linux boot header signature.
 pub(crate) fn has_boot_header(head: &[u8]) -> bool {
@@ -91,33 +91,47 @@ pub(super) fn load<M: GuestMemoryBackend>(
     })
 }
 
-fn check_header(kernel: &KernelFile, hdr: &setup_header) -> Result<(), KernelError> {
+/// Why zvmm cannot boot a bzImage, judged from its setup header alone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum HeaderProblem {
+    /// Boot protocol older than 2.06.
+    TooOld,
+    /// A zImage, loaded below 1 MiB.
+    NotHigh,
+    /// No 64-bit entry point (`XLF_KERNEL_64` unset or protocol < 2.12).
+    Not64,
+}
+
+/// The first reason the setup header rules the kernel out, if any.
+pub(crate) fn header_problem(hdr: &setup_header) -> Option<HeaderProblem> {
     let version = hdr.version;
     if version < MIN_PROTOCOL {
-        return Err(KernelError::BzImageTooOld {
-            path: kernel.path.clone(),
-            version: protocol_version(version),
-        });
+        Some(HeaderProblem::TooOld)
+    } else if hdr.loadflags & LOADED_HIGH == 0 {
+        Some(HeaderProblem::NotHigh)
+    } else if version < XLOADFLAGS_PROTOCOL || hdr.xloadflags & XLF_KERNEL_64 == 0 {
+        Some(HeaderProblem::Not64)
+    } else {
+        None
     }
-    if hdr.loadflags & LOADED_HIGH == 0 {
-        return Err(KernelError::BzImageNotHigh {
-            path: kernel.path.clone(),
-        });
+}
+
+fn check_header(kernel: &KernelFile, hdr: &setup_header) -> Result<(), KernelError> {
+    let path = kernel.path.clone();
+    let version = protocol_version(hdr.version);
+    match header_problem(hdr) {
+        None => Ok(()),
+        Some(HeaderProblem::TooOld) => Err(KernelError::BzImageTooOld { path, version }),
+        Some(HeaderProblem::NotHigh) => Err(KernelError::BzImageNotHigh { path }),
+        Some(HeaderProblem::Not64) => Err(KernelError::BzImageNot64 { path, version }),
     }
-    if version < XLOADFLAGS_PROTOCOL || hdr.xloadflags & XLF_KERNEL_64 == 0 {
-        return Err(KernelError::BzImageNot64 {
-            path: kernel.path.clone(),
-            version: protocol_version(version),
-        });
-    }
-    Ok(())
 }
 
 /// End of the memory the kernel uses until it has decompressed itself: its
 /// protected-mode code at `load_addr`, and the decompression buffer of
 /// `init_size` bytes at the load address aligned to `kernel_alignment`, but
 /// not below `pref_address` (what arch/x86/boot/compressed/head_64.S does).
-fn footprint_end(hdr: &setup_header, load_addr: u64, code_size: u64) -> u64 {
+pub(crate) fn footprint_end(hdr: &setup_header, load_addr: u64, code_size: u64) -> u64 {
     let alignment = u64::from(hdr.kernel_alignment);
     let aligned = if alignment.is_power_of_two() {
         load_addr.next_multiple_of(alignment)

@@ -24,7 +24,7 @@ const ELFDATA2MSB: u8 = 2;
 /// Offset of `e_machine`, the same in 32- and 64-bit headers.
 const E_MACHINE_OFFSET: usize = 18;
 /// Xen ELF note type carrying the 32-bit PVH entry point.
-const XEN_ELFNOTE_PHYS32_ENTRY: u32 = 18;
+pub(crate) const XEN_ELFNOTE_PHYS32_ENTRY: u32 = 18;
 /// Name of the Xen ELF notes, NUL included.
 const XEN_NOTE_NAME: &[u8] = b"Xen\0";
 /// Size of an ELF note header (namesz, descsz, type).
@@ -295,24 +295,46 @@ fn find_pvh_entry(kernel: &KernelFile, phdrs: &[Elf64_Phdr]) -> Result<Option<u3
 }
 
 /// The descriptor of the Xen `PHYS32_ENTRY` note in a note segment, if any.
-/// Parsing stops at the first note that overruns the segment.
 fn find_xen_entry_note(notes: &[u8]) -> Option<&[u8]> {
+    parse_notes(notes)
+        .find(|note| note.kind == XEN_ELFNOTE_PHYS32_ENTRY && note.name == XEN_NOTE_NAME)
+        .map(|note| note.desc)
+}
+
+/// One note of an ELF note segment (little-endian).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct ElfNote<'a> {
+    /// Owner name as stored, NUL terminator included.
+    pub(crate) name: &'a [u8],
+    /// Note type.
+    pub(crate) kind: u32,
+    /// Descriptor bytes.
+    pub(crate) desc: &'a [u8],
+}
+
+/// The notes of a note segment, in order. Iteration stops at the first note
+/// that overruns the segment.
+pub(crate) fn parse_notes(notes: &[u8]) -> impl Iterator<Item = ElfNote<'_>> {
     let mut pos = 0usize;
-    while let Some(header) = notes.get(pos..pos.checked_add(NOTE_HEADER_SIZE)?) {
-        let word =
-            |i: usize| u32::from_le_bytes([header[i], header[i + 1], header[i + 2], header[i + 3]]);
-        let (namesz, descsz, kind) = (word(0) as usize, word(4) as usize, word(8));
-        let name_start = pos + NOTE_HEADER_SIZE;
-        let desc_start = name_start.checked_add(namesz.checked_next_multiple_of(4)?)?;
-        let next = desc_start.checked_add(descsz.checked_next_multiple_of(4)?)?;
-        let name = notes.get(name_start..name_start + namesz)?;
-        let desc = notes.get(desc_start..desc_start + descsz)?;
-        if kind == XEN_ELFNOTE_PHYS32_ENTRY && name == XEN_NOTE_NAME {
-            return Some(desc);
-        }
+    std::iter::from_fn(move || {
+        let (note, next) = note_at(notes, pos)?;
         pos = next;
-    }
-    None
+        Some(note)
+    })
+}
+
+/// The note at `pos` and the offset of the next one.
+fn note_at(notes: &[u8], pos: usize) -> Option<(ElfNote<'_>, usize)> {
+    let header = notes.get(pos..pos.checked_add(NOTE_HEADER_SIZE)?)?;
+    let word =
+        |i: usize| u32::from_le_bytes([header[i], header[i + 1], header[i + 2], header[i + 3]]);
+    let (namesz, descsz, kind) = (word(0) as usize, word(4) as usize, word(8));
+    let name_start = pos + NOTE_HEADER_SIZE;
+    let desc_start = name_start.checked_add(namesz.checked_next_multiple_of(4)?)?;
+    let next = desc_start.checked_add(descsz.checked_next_multiple_of(4)?)?;
+    let name = notes.get(name_start..name_start.checked_add(namesz)?)?;
+    let desc = notes.get(desc_start..desc_start.checked_add(descsz)?)?;
+    Some((ElfNote { name, kind, desc }, next))
 }
 
 /// Copies a segment's file bytes to its physical address and zeroes the rest

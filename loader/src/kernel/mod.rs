@@ -20,8 +20,13 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryError, GuestMemoryR
 
 use crate::extract::Compression;
 
-pub(crate) use bzimage::{has_boot_header, parse_setup_header, setup_size};
-pub(crate) use elf::{check_elf64_x86_64, ElfProblem, ELF_MAGIC};
+pub(crate) use bzimage::{
+    footprint_end, has_boot_header, header_problem, parse_setup_header, setup_size, HeaderProblem,
+    ENTRY_64_OFFSET,
+};
+pub(crate) use elf::{
+    check_elf64_x86_64, parse_notes, ElfProblem, ELF_MAGIC, XEN_ELFNOTE_PHYS32_ENTRY,
+};
 
 /// How the boot vCPU enters the kernel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -269,7 +274,7 @@ const HEAD_SHOWN: usize = 8;
 
 /// The formats `load_kernel` tells apart by their first bytes.
 #[derive(Debug, PartialEq, Eq)]
-enum FileKind {
+pub(crate) enum FileKind {
     Elf,
     BzImage,
     Pe,
@@ -356,7 +361,7 @@ pub fn load_kernel<M: GuestMemoryBackend>(
 }
 
 /// Recognises a file by its first bytes.
-fn identify(head: &[u8]) -> FileKind {
+pub(crate) fn identify(head: &[u8]) -> FileKind {
     if head.starts_with(elf::ELF_MAGIC) {
         FileKind::Elf
     } else if bzimage::has_boot_header(head) {
@@ -371,7 +376,7 @@ fn identify(head: &[u8]) -> FileKind {
 }
 
 /// The first bytes of a file as space-separated hex.
-fn hex_head(head: &[u8]) -> String {
+pub(crate) fn hex_head(head: &[u8]) -> String {
     let mut out = String::new();
     for (i, byte) in head.iter().take(HEAD_SHOWN).enumerate() {
         if i > 0 {
@@ -404,7 +409,7 @@ fn describe_ram<M: GuestMemoryBackend>(mem: &M) -> String {
 }
 
 /// A boot protocol version as "major.minor" (0x020c is "2.12").
-fn protocol_version(version: u16) -> String {
+pub(crate) fn protocol_version(version: u16) -> String {
     format!("{}.{:02}", version >> 8, version & 0xff)
 }
 
