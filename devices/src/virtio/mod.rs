@@ -76,3 +76,5 @@ pub trait VirtioDevice: Send {
         Vec::new()
     }
 }
+
+pub mod block;
