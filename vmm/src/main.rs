@@ -118,6 +118,21 @@ enum KernelCommand {
         #[arg(short, long, value_name = "PATH")]
         output: PathBuf,
     },
+    /// Tell what a kernel file is and how zvmm can boot it.
+    #[command(after_help = "\
+Prints the format (ELF vmlinux with or without a PVH note, bzImage with its
+setup header and payload, PE/EFI, compressed file), the Linux version, entry
+points, ELF notes and loadable segments, the RAM the kernel needs, and a
+verdict.
+
+Exit status:
+  0    zvmm can boot the file (the verdict names the boot protocol)
+  1    zvmm cannot boot it (the verdict says why and what to do), or the
+       file cannot be read")]
+    Inspect {
+        /// The kernel file.
+        file: PathBuf,
+    },
 }
 
 impl VmArgs {
@@ -279,6 +294,11 @@ fn run_kernel_command(command: KernelCommand) -> anyhow::Result<i32> {
                 vmlinux.len()
             );
             Ok(0)
+        }
+        KernelCommand::Inspect { file } => {
+            let report = loader::inspect::inspect_file(&file)?;
+            print!("{report}");
+            Ok(if report.verdict.bootable() { 0 } else { 1 })
         }
     }
 }
