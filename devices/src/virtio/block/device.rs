@@ -336,3 +336,346 @@ fn default_id(path: &std::path::Path) -> String {
         .map(|name| name.to_string_lossy().into_owned())
         .unwrap_or_else(|| "disk".to_string())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::mem::offset_of;
+    use std::sync::{Condvar, Mutex};
+    use std::time::{Duration, Instant};
+
+    use virtio_bindings::virtio_blk::{virtio_blk_config, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
+    use virtio_queue::mock::MockSplitQueue;
+    use virtio_queue::Queue;
+    use vm_memory::{Address, Bytes, GuestAddress};
+
+    use super::*;
+    use crate::virtio::block::testing::*;
+    use crate::virtio::{GuestMemory, InterruptKind, VirtioInterrupt};
+
+    const MIB: u64 = 1 << 20;
+
+    fn config(image: &Image, readonly: bool) -> BlockConfig {
+        BlockConfig {
+            path: image.path.clone(),
+            readonly,
+            serial: None,
+            id: Some("t0".to_string()),
+        }
+    }
+
+    fn read_u32(block: &Block, offset: usize) -> u32 {
+        let mut bytes = [0u8; 4];
+        block.read_config(offset as u64, &mut bytes);
+        u32::from_le_bytes(bytes)
+    }
+
+    #[test]
+    fn config_offsets_match_virtio_blk_config() {
+        use offsets::*;
+        let fields = [
+            (CAPACITY, offset_of!(virtio_blk_config, capacity)),
+            (SIZE_MAX, offset_of!(virtio_blk_config, size_max)),
+            (SEG_MAX, offset_of!(virtio_blk_config, seg_max)),
+            (GEOMETRY, offset_of!(virtio_blk_config, geometry)),
+            (BLK_SIZE, offset_of!(virtio_blk_config, blk_size)),
+            (
+                PHYSICAL_BLOCK_EXP,
+                offset_of!(virtio_blk_config, physical_block_exp),
+            ),
+            (
+                ALIGNMENT_OFFSET,
+                offset_of!(virtio_blk_config, alignment_offset),
+            ),
+            (MIN_IO_SIZE, offset_of!(virtio_blk_config, min_io_size)),
+            (OPT_IO_SIZE, offset_of!(virtio_blk_config, opt_io_size)),
+            (WRITEBACK, offset_of!(virtio_blk_config, wce)),
+            (NUM_QUEUES, offset_of!(virtio_blk_config, num_queues)),
+            (
+                MAX_DISCARD_SECTORS,
+                offset_of!(virtio_blk_config, max_discard_sectors),
+            ),
+            (
+                MAX_DISCARD_SEG,
+                offset_of!(virtio_blk_config, max_discard_seg),
+            ),
+            (
+                DISCARD_SECTOR_ALIGNMENT,
+                offset_of!(virtio_blk_config, discard_sector_alignment),
+            ),
+            (
+                MAX_WRITE_ZEROES_SECTORS,
+                offset_of!(virtio_blk_config, max_write_zeroes_sectors),
+            ),
+            (
+                MAX_WRITE_ZEROES_SEG,
+                offset_of!(virtio_blk_config, max_write_zeroes_seg),
+            ),
+            (
+                WRITE_ZEROES_MAY_UNMAP,
+                offset_of!(virtio_blk_config, write_zeroes_may_unmap),
+            ),
+            (
+                SIZE,
+                offset_of!(virtio_blk_config, max_secure_erase_sectors),
+            ),
+        ];
+        for (ours, spec) in fields {
+            assert_eq!(ours, spec);
+        }
+    }
+
+    #[test]
+    fn config_space_describes_the_disk() {
+        let image = Image::new(3 * MIB);
+        let block = Block::new(config(&image, false)).unwrap();
+        let mut capacity = [0u8; 8];
+        block.read_config(0, &mut capacity);
+        assert_eq!(u64::from_le_bytes(capacity), 3 * MIB / 512);
+        assert_eq!(block.capacity(), 3 * MIB / 512);
+        assert_eq!(read_u32(&block, offsets::SEG_MAX), 254);
+        assert_eq!(read_u32(&block, offsets::BLK_SIZE), 512);
+        assert_eq!(
+            read_u32(&block, offsets::MAX_DISCARD_SECTORS),
+            MAX_DISCARD_SECTORS
+        );
+        assert_eq!(read_u32(&block, offsets::MAX_DISCARD_SEG), 1);
+        let alignment = read_u32(&block, offsets::DISCARD_SECTOR_ALIGNMENT);
+        assert_eq!(alignment * 512, block.backend.disk.granularity());
+        assert_eq!(
+            read_u32(&block, offsets::MAX_WRITE_ZEROES_SECTORS),
+            MAX_DISCARD_SECTORS
+        );
+        assert_eq!(read_u32(&block, offsets::MAX_WRITE_ZEROES_SEG), 1);
+        let mut unmap = [9u8];
+        block.read_config(offsets::WRITE_ZEROES_MAY_UNMAP as u64, &mut unmap);
+        assert_eq!(unmap, [1]);
+        // A read crossing the end is zero-padded; one past it is all zero.
+        let mut tail = [9u8; 8];
+        block.read_config(offsets::SIZE as u64 - 4, &mut tail);
+        assert_eq!(tail, [1, 0, 0, 0, 0, 0, 0, 0]);
+        for offset in [offsets::SIZE as u64, u64::MAX] {
+            let mut beyond = [9u8; 4];
+            block.read_config(offset, &mut beyond);
+            assert_eq!(beyond, [0; 4]);
+        }
+    }
+
+    #[test]
+    fn features_follow_readonly() {
+        let bit = |b: u32| 1u64 << b;
+        let common = bit(VIRTIO_F_VERSION_1)
+            | bit(VIRTIO_RING_F_EVENT_IDX)
+            | bit(VIRTIO_RING_F_INDIRECT_DESC)
+            | bit(VIRTIO_BLK_F_BLK_SIZE)
+            | bit(VIRTIO_BLK_F_SEG_MAX);
+        let write =
+            bit(VIRTIO_BLK_F_FLUSH) | bit(VIRTIO_BLK_F_DISCARD) | bit(VIRTIO_BLK_F_WRITE_ZEROES);
+        let image = Image::new(MIB);
+        let mut rw = Block::new(config(&image, false)).unwrap();
+        assert_eq!(rw.device_features(), common | write);
+        assert_eq!(rw.device_type(), 2);
+        assert_eq!(rw.queue_max_sizes(), &[256]);
+        rw.ack_features(u64::MAX);
+        assert_eq!(rw.acked_features, common | write);
+        drop(rw);
+        let ro = Block::new(config(&image, true)).unwrap();
+        assert_eq!(ro.device_features(), common | bit(VIRTIO_BLK_F_RO));
+        assert!(ro.readonly());
+    }
+
+    #[test]
+    fn serials_are_checked_or_derived() {
+        let image = Image::new(MIB);
+        let mut cfg = config(&image, true);
+        cfg.serial = Some("data disk 1".to_string());
+        assert_eq!(
+            &Block::new(cfg.clone()).unwrap().serial(),
+            b"data disk 1\0\0\0\0\0\0\0\0\0"
+        );
+        for bad in ["a-serial-longer-than-20", "tab\there"] {
+            cfg.serial = Some(bad.to_string());
+            let err = Block::new(cfg.clone()).err().unwrap();
+            assert!(matches!(err, BlockError::Serial { .. }), "{err:?}");
+            assert!(err.to_string().contains(bad), "{err}");
+        }
+        cfg.serial = None;
+        let derived = Block::new(cfg.clone()).unwrap().serial();
+        assert!(derived.iter().all(u8::is_ascii_hexdigit), "{derived:?}");
+        assert_eq!(Block::new(cfg).unwrap().serial(), derived);
+    }
+
+    #[test]
+    fn disk_errors_pass_through() {
+        let image = Image::new(MIB);
+        let mut cfg = config(&image, false);
+        cfg.path = image.path.with_file_name("nope.raw");
+        let err = Block::new(cfg).err().unwrap();
+        assert!(matches!(err, BlockError::Disk(DiskError::Missing { .. })));
+        assert!(err.to_string().contains("nope.raw does not exist"), "{err}");
+        let _first = Block::new(config(&image, false)).unwrap();
+        let err = Block::new(config(&image, false)).err().unwrap();
+        assert!(
+            err.to_string().contains("disk.raw is in use by pid"),
+            "{err}"
+        );
+    }
+
+    #[derive(Default)]
+    struct RecordingInterrupt {
+        raised: Mutex<Vec<InterruptKind>>,
+        changed: Condvar,
+    }
+
+    impl VirtioInterrupt for RecordingInterrupt {
+        fn trigger(&self, kind: InterruptKind) -> std::io::Result<()> {
+            self.raised.lock().unwrap().push(kind);
+            self.changed.notify_all();
+            Ok(())
+        }
+    }
+
+    impl RecordingInterrupt {
+        fn wait_for(&self, count: usize) -> Vec<InterruptKind> {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let mut raised = self.raised.lock().unwrap();
+            while raised.len() < count {
+                let left = deadline.saturating_duration_since(Instant::now());
+                assert!(
+                    !left.is_zero(),
+                    "only {} interrupts after 10 s",
+                    raised.len()
+                );
+                raised = self.changed.wait_timeout(raised, left).unwrap().0;
+            }
+            raised.clone()
+        }
+    }
+
+    /// Queues `descs` at descriptor index `first`, kicks, waits for the
+    /// used index to reach `used` and the interrupt count `interrupts`.
+    fn submit(
+        vq: &MockSplitQueue<GuestMemory>,
+        kick: &EventFd,
+        irq: &RecordingInterrupt,
+        descs: &[Desc],
+        first: u16,
+        (used, interrupts): (u16, usize),
+    ) {
+        vq.add_desc_chains(&raw(descs, first), first).unwrap();
+        kick.write(1).unwrap();
+        assert_eq!(irq.wait_for(interrupts).len(), interrupts);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while vq.used().idx().load() != used {
+            assert!(
+                Instant::now() < deadline,
+                "used index stuck at {}",
+                vq.used().idx().load()
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    #[test]
+    fn worker_serves_the_queue_end_to_end() {
+        let image = Image::new(MIB);
+        let mut block = Block::new(config(&image, false)).unwrap();
+        block.ack_features(block.device_features());
+        let mem = memory();
+        let vq = MockSplitQueue::new(&mem, QUEUE_SIZE);
+        let kick = EventFd::new(EFD_NONBLOCK).unwrap();
+        let irq = Arc::new(RecordingInterrupt::default());
+        let queues = vec![(
+            0,
+            vq.create_queue::<Queue>().unwrap(),
+            kick.try_clone().unwrap(),
+        )];
+        let interrupt = irq.clone();
+        block
+            .activate(ActivateContext {
+                mem: mem.clone(),
+                interrupt,
+                queues,
+            })
+            .unwrap();
+
+        // A write: completes and interrupts (used_event is 0).
+        let data = pattern(8, 1024);
+        header(&mem, HEADER, VIRTIO_BLK_T_OUT, 4);
+        mem.write_slice(&data, GuestAddress(DATA)).unwrap();
+        let write = [r(HEADER, 16), r(DATA, 1024), w(STATUS, 1)];
+        submit(&vq, &kick, &irq, &write, 0, (1, 1));
+        assert_eq!(irq.wait_for(1), vec![InterruptKind::Queue(0)]);
+        assert_eq!(byte_at(&mem, STATUS), 0);
+        assert_eq!(&image.contents()[2048..3072], &data[..]);
+
+        // A read: with used_event still 0, EVENT_IDX suppresses its interrupt.
+        header(&mem, HEADER + 0x100, VIRTIO_BLK_T_IN, 4);
+        let read = [
+            r(HEADER + 0x100, 16),
+            w(DATA + 0x1000, 1024),
+            w(STATUS + 1, 1),
+        ];
+        submit(&vq, &kick, &irq, &read, 3, (2, 1));
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(irq.raised.lock().unwrap().len(), 1, "EVENT_IDX ignored");
+        let used = vq.used().ring().ref_at(1).unwrap().load();
+        assert_eq!((used.id(), used.len()), (3, 1025));
+        assert_eq!(bytes_at(&mem, DATA + 0x1000, 1024), data);
+
+        // The driver asks for an interrupt after the third completion.
+        let used_event = vq.avail_addr().unchecked_add(4 + 2 * u64::from(QUEUE_SIZE));
+        mem.write_obj(2u16, used_event).unwrap();
+        header(&mem, HEADER + 0x200, VIRTIO_BLK_T_IN, 0);
+        let read = [
+            r(HEADER + 0x200, 16),
+            w(DATA + 0x2000, 512),
+            w(STATUS + 2, 1),
+        ];
+        submit(&vq, &kick, &irq, &read, 6, (3, 2));
+        assert_eq!(
+            irq.wait_for(2).len(),
+            2,
+            "the second request must not have interrupted"
+        );
+
+        let counters = block.counters();
+        assert!(counters.contains(&("write_requests", 1)), "{counters:?}");
+        assert!(counters.contains(&("read_requests", 2)), "{counters:?}");
+        assert_eq!(block.reset().len(), 1);
+        assert_eq!(block.reset().len(), 0);
+    }
+
+    #[test]
+    fn activation_needs_exactly_one_queue() {
+        let image = Image::new(MIB);
+        let mut block = Block::new(config(&image, false)).unwrap();
+        let mem = memory();
+        let vq = MockSplitQueue::new(&mem, QUEUE_SIZE);
+        let queue = || {
+            let evt = EventFd::new(EFD_NONBLOCK).unwrap();
+            (0, vq.create_queue::<Queue>().unwrap(), evt)
+        };
+        let irq: Arc<dyn VirtioInterrupt> = Arc::new(RecordingInterrupt::default());
+        for queues in [vec![], vec![queue(), queue()]] {
+            let context = ActivateContext {
+                mem: mem.clone(),
+                interrupt: irq.clone(),
+                queues,
+            };
+            let err = block.activate(context).unwrap_err();
+            assert!(matches!(err, ActivateError::BadQueue(_)), "{err:?}");
+        }
+        let mut bad = queue();
+        bad.1.set_desc_table_address(Some(0xffff_f000), Some(0));
+        let context = ActivateContext {
+            mem,
+            interrupt: irq,
+            queues: vec![bad],
+        };
+        assert!(matches!(
+            block.activate(context),
+            Err(ActivateError::BadQueue(_))
+        ));
+        assert!(block.reset().is_empty());
+    }
+}

@@ -637,3 +637,180 @@ fn discard_granularity(meta: &Metadata, block_device: bool) -> u32 {
         4096
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::virtio::block::testing::{bytes_at, memory, pattern, Image, DATA};
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+
+    const MIB: u64 = 1 << 20;
+
+    fn open_err(path: &Path, readonly: bool) -> DiskError {
+        DiskFile::open(path, readonly).unwrap_err()
+    }
+
+    #[test]
+    fn opens_a_file_with_its_capacity() {
+        let image = Image::new(3 * MIB);
+        let disk = DiskFile::open(&image.path, false).unwrap();
+        assert_eq!((disk.size(), disk.sectors()), (3 * MIB, 3 * MIB / 512));
+        assert!(!disk.readonly() && !disk.is_block_device());
+        assert_eq!(disk.path(), image.path);
+        let granularity = disk.granularity();
+        assert!(granularity.is_power_of_two() && granularity >= 512);
+    }
+
+    #[test]
+    fn two_writers_conflict_and_the_error_names_file_and_holder() {
+        let image = Image::new(MIB);
+        let _first = DiskFile::open(&image.path, false).unwrap();
+        let err = open_err(&image.path, false);
+        assert!(matches!(err, DiskError::Locked { .. }), "{err:?}");
+        let text = err.to_string();
+        assert!(text.contains(&image.path.display().to_string()), "{text}");
+        assert!(
+            text.contains(&format!("pid {} (", std::process::id())),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn readers_share_but_exclude_a_writer() {
+        let image = Image::new(MIB);
+        let reader = DiskFile::open(&image.path, true).unwrap();
+        let _second_reader = DiskFile::open(&image.path, true).unwrap();
+        assert!(matches!(
+            open_err(&image.path, false),
+            DiskError::Locked { .. }
+        ));
+        drop((reader, _second_reader));
+        let _writer = DiskFile::open(&image.path, false).unwrap();
+        let err = open_err(&image.path, true);
+        assert!(matches!(err, DiskError::LockedByWriter { .. }), "{err:?}");
+        assert!(err.to_string().contains("open for writing by pid"), "{err}");
+    }
+
+    #[test]
+    fn the_lock_goes_with_the_disk() {
+        let image = Image::new(MIB);
+        drop(DiskFile::open(&image.path, false).unwrap());
+        DiskFile::open(&image.path, false).unwrap();
+    }
+
+    #[test]
+    fn bad_images_are_refused_by_name() {
+        let image = Image::new(0);
+        let err = open_err(&image.path, false);
+        assert!(matches!(err, DiskError::Empty { .. }), "{err:?}");
+        assert!(err.to_string().contains("disk.raw is empty"), "{err}");
+
+        File::create(&image.path).unwrap().set_len(1000).unwrap();
+        let err = open_err(&image.path, true);
+        assert!(
+            matches!(err, DiskError::Unaligned { size: 1000, .. }),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("truncate -s 1024 "), "{err}");
+
+        let dir = image.path.parent().unwrap();
+        assert!(matches!(open_err(dir, false), DiskError::Directory { .. }));
+        assert!(matches!(open_err(dir, true), DiskError::Directory { .. }));
+
+        let missing = dir.join("missing.raw");
+        let err = open_err(&missing, false);
+        assert!(matches!(err, DiskError::Missing { .. }), "{err:?}");
+        assert!(
+            err.to_string().contains("missing.raw does not exist"),
+            "{err}"
+        );
+
+        assert!(matches!(
+            open_err(Path::new("/dev/null"), true),
+            DiskError::NotADisk { .. }
+        ));
+    }
+
+    #[test]
+    fn vectored_io_spans_many_slices() {
+        let image = Image::new(MIB);
+        let disk = DiskFile::open(&image.path, false).unwrap();
+        let mem = memory();
+        // More slices than one preadv/pwritev takes.
+        let count = IOV_MAX + 100;
+        let data = pattern(6, count * 64);
+        mem.write_slice(&data, GuestAddress(DATA)).unwrap();
+        let slices: Vec<_> = (0..count)
+            .map(|i| {
+                mem.get_slice(GuestAddress(DATA + i as u64 * 64), 64)
+                    .unwrap()
+            })
+            .collect();
+        disk.write_at(&slices, 4096).unwrap();
+        assert_eq!(&image.contents()[4096..4096 + data.len()], &data[..]);
+        mem.write_slice(&vec![0; data.len()], GuestAddress(DATA))
+            .unwrap();
+        disk.read_at(&slices, 4096).unwrap();
+        assert_eq!(bytes_at(&mem, DATA, data.len()), data);
+    }
+
+    #[test]
+    fn reading_past_the_end_fails() {
+        let image = Image::new(MIB);
+        let disk = DiskFile::open(&image.path, false).unwrap();
+        let mem = memory();
+        let slice = mem.get_slice(GuestAddress(DATA), 1024).unwrap();
+        let err = disk.read_at(&[slice], MIB - 512).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+    }
+
+    #[test]
+    fn advance_skips_whole_and_partial_iovecs() {
+        let buf = [0u8; 30];
+        let base = buf.as_ptr().cast_mut();
+        let mut iovecs: Vec<libc::iovec> = [0usize, 10, 20]
+            .iter()
+            .map(|&at| libc::iovec {
+                // SAFETY: offsets within `buf`.
+                iov_base: unsafe { base.add(at) }.cast(),
+                iov_len: 10,
+            })
+            .collect();
+        assert_eq!(advance(&mut iovecs, 0, 13), 1);
+        assert_eq!(iovecs[1].iov_len, 7);
+        // SAFETY: offset within `buf`.
+        assert_eq!(iovecs[1].iov_base, unsafe { base.add(13) }.cast());
+        assert_eq!(advance(&mut iovecs, 1, 7), 2);
+        assert_eq!(advance(&mut iovecs, 2, 10), 3);
+    }
+
+    #[test]
+    fn writing_zeroes_by_hand_clears_the_range() {
+        let image = Image::new(4 * MIB);
+        std::fs::write(&image.path, vec![0xa5u8; 4 * MIB as usize]).unwrap();
+        let disk = DiskFile::open(&image.path, false).unwrap();
+        // More than one 1 MiB pwritev batch, at an odd offset.
+        disk.write_zeroes_by_writing(512, 2 * MIB + 1024).unwrap();
+        let contents = image.contents();
+        assert_eq!(contents[511], 0xa5);
+        assert!(contents[512..512 + 2 * MIB as usize + 1024]
+            .iter()
+            .all(|&b| b == 0));
+        assert_eq!(contents[512 + 2 * MIB as usize + 1024], 0xa5);
+    }
+
+    #[test]
+    fn unsupported_operations_are_remembered() {
+        let supported = AtomicBool::new(true);
+        let refused = Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP));
+        assert!(!settle(&supported, refused).unwrap());
+        assert!(!supported.load(Ordering::Relaxed));
+        let supported = AtomicBool::new(true);
+        let unaligned = Err(io::Error::from_raw_os_error(libc::EINVAL));
+        assert!(!settle(&supported, unaligned).unwrap());
+        assert!(supported.load(Ordering::Relaxed));
+        let failed = Err(io::Error::from_raw_os_error(libc::EIO));
+        assert!(settle(&supported, failed).is_err());
+        assert!(settle(&supported, Ok(())).unwrap());
+    }
+}
