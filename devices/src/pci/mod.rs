@@ -6,6 +6,7 @@
 pub mod bus;
 pub mod config;
 pub mod msix;
+pub mod virtio;
 
 pub use bus::{
     BarAllocator, BarMove, PciConfigIo, PciConfigMmio, PciError, PciMmioWindow, PciRoot,
@@ -13,6 +14,7 @@ pub use bus::{
 };
 pub use config::{BarSpec, ConfigSpace, PciConfigError, PciIds};
 pub use msix::{MsiMessage, MsiRouter, Msix, MsixError};
+pub use virtio::{VirtioPciDevice, VirtioPciError};
 
 /// A PCI function on the root bus.
 ///
