@@ -235,7 +235,7 @@ impl VirtioDevice for Block {
             backend: self.backend.clone(),
         };
         let thread = worker
-            .spawn(format!("blk-{}", self.id))
+            .spawn(format!("blk-{}", self.id.replace('\0', "")))
             .map_err(ActivateError::Backend)?;
         self.running = Some(Running { stop, thread });
         Ok(())

@@ -25,9 +25,11 @@
 //! Discard punches a hole (`fallocate(PUNCH_HOLE|KEEP_SIZE)`) in files, so
 //! sparse images stay sparse; on block devices it is `BLKDISCARD`. Where the
 //! file system or device can't, discard is a successful no-op (it is only a
-//! hint). Write-zeroes punches a hole when the driver allows unmapping,
-//! else uses `fallocate(ZERO_RANGE)` (files and block devices), and falls
-//! back to writing zeroes.
+//! hint). Write-zeroes uses `fallocate(PUNCH_HOLE)` when the driver allows
+//! unmapping (a hole in a file; on a block device the kernel zeroes with
+//! unmap), else `fallocate(ZERO_RANGE)`, and falls back to writing zeroes
+//! when neither is supported. Both are checked by hand on a loop device;
+//! the unit tests cover files only.
 
 use std::fs::{self, File, Metadata, OpenOptions};
 use std::io;

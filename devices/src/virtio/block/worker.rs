@@ -26,8 +26,8 @@ pub enum WorkerError {
     Epoll(#[source] io::Error),
     /// The driver's rings are unusable (e.g. an available index that
     /// runs ahead of the queue size, or rings outside guest memory).
-    #[error("virtqueue broken by the driver: {0}")]
-    Queue(virtio_queue::Error),
+    #[error("virtqueue broken by the driver")]
+    Queue(#[source] virtio_queue::Error),
     /// Raising the queue interrupt failed.
     #[error("cannot raise the queue interrupt")]
     Interrupt(#[source] io::Error),
