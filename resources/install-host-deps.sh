@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Installs what building and testing zvmm needs on a Debian/Ubuntu host:
 # the Rust target for the probe guest, QEMU (the reference peer), ACPICA
-# (iasl validates our ACPI tables) and cpio (initramfs). Idempotent.
+# (iasl validates our ACPI tables), cpio (initramfs) and lzop (LZO
+# extraction tests). Idempotent.
 set -euo pipefail
 missing=()
 command -v qemu-system-x86_64 >/dev/null || missing+=(qemu-system-x86)
 command -v iasl >/dev/null || missing+=(acpica-tools)
 command -v cpio >/dev/null || missing+=(cpio)
+command -v lzop >/dev/null || missing+=(lzop)
 if ((${#missing[@]})); then
     echo "install-host-deps: apt-get install ${missing[*]}" >&2
     apt-get update -qq

@@ -34,6 +34,8 @@ every key goes to the guest; press Ctrl-A then x to quit.
 Examples:
   zvmm --kernel vmlinux --initrd initrd.img --cmdline \"console=ttyS0\" --cpus 2 --memory 512M
   zvmm --kernel vmlinux --cpus boot=2 --memory size=1G,shared=on --serial pty --console off
+  zvmm --kernel vmlinux --timeout 60 --expect 'Run /init' --fail-on 'Kernel panic' --boot-timer
+  zvmm kernel inspect bzImage
   zvmm kernel extract bzImage -o vmlinux";
 
 /// zvmm: a minimal KVM microVM monitor.
