@@ -531,6 +531,41 @@ mod tests {
     }
 
     #[test]
+    fn indirect_chains_are_followed() {
+        use virtio_bindings::virtio_ring::VRING_DESC_F_INDIRECT;
+        use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+        use virtio_queue::mock::{DescriptorTable, MockSplitQueue};
+        use virtio_queue::{Queue, QueueOwnedT};
+
+        let image = Image::new(MIB);
+        let (mem, b) = (memory(), backend(&image, false));
+        let data = pattern(2, 1024);
+        std::fs::write(
+            &image.path,
+            [data.clone(), vec![0; MIB as usize - 1024]].concat(),
+        )
+        .unwrap();
+        header(&mem, HEADER, VIRTIO_BLK_T_IN, 0);
+        let table_addr = HEADER + 0x1000;
+        let table = DescriptorTable::new(&mem, GuestAddress(table_addr), 3);
+        for (i, desc) in raw(&[r(HEADER, 16), w(DATA, 1024), w(STATUS, 1)], 0)
+            .into_iter()
+            .enumerate()
+        {
+            table.store(i as u16, desc).unwrap();
+        }
+        let vq = MockSplitQueue::new(&mem, 16);
+        let flags = VRING_DESC_F_INDIRECT as u16;
+        let head = RawDescriptor::from(SplitDescriptor::new(table_addr, 3 * 16, flags, 0));
+        vq.add_desc_chains(&[head], 0).unwrap();
+        let mut queue: Queue = vq.create_queue().unwrap();
+        let chain = queue.iter(&mem).unwrap().next().unwrap();
+        assert_eq!(process(chain, &mem, &b), 1025);
+        assert_eq!(byte_at(&mem, STATUS), OK);
+        assert_eq!(bytes_at(&mem, DATA, 1024), data);
+    }
+
+    #[test]
     fn flush_succeeds_and_is_counted() {
         let image = Image::new(MIB);
         let (mem, b) = (memory(), backend(&image, false));
