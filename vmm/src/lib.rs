@@ -9,6 +9,7 @@ pub mod cpuid;
 pub mod interrupts;
 pub mod lifecycle;
 pub mod memory;
+pub mod pci;
 pub mod platform;
 pub mod regs;
 pub mod signals;

@@ -20,8 +20,10 @@ use crate::bus::Bus;
 use crate::config::{ConsoleMode, OnReset, VmConfig};
 use crate::console::{announce_pty, open_console, InputForwarder, RawTerminal};
 use crate::cpuid::build_cpuid;
+use crate::interrupts::InterruptRouting;
 use crate::lifecycle::{Lifecycle, StopReason};
 use crate::memory::{create_guest_ram, register_guest_ram, GuestRam};
+use crate::pci::create_pci;
 use crate::platform::{create_interrupt_controllers, create_platform};
 use crate::regs::{self, EntryMode};
 use crate::signals;
@@ -35,9 +37,12 @@ pub enum VmError {
     /// The configuration is unusable.
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
-    /// A configured feature this build does not provide.
-    #[error("{0}")]
-    Unsupported(String),
+    /// Interrupt routing.
+    #[error(transparent)]
+    Interrupts(#[from] crate::interrupts::InterruptError),
+    /// PCI devices.
+    #[error(transparent)]
+    Pci(#[from] crate::pci::PciSetupError),
     /// /dev/kvm could not be opened.
     #[error("cannot open /dev/kvm (is KVM enabled, and may this user open it?)")]
     OpenKvm(#[source] kvm_ioctls::Error),
@@ -127,12 +132,6 @@ impl Vmm {
     /// Checks `config`, opens KVM and the console's host side.
     pub fn new(mut config: VmConfig) -> Result<Self, VmError> {
         config.validate()?;
-        if let Some(disk) = config.disks.first() {
-            return Err(VmError::Unsupported(format!(
-                "--disk {}: virtio-blk is not wired into this build yet",
-                disk.path.display()
-            )));
-        }
         let start = process_start();
         let watcher = ConsoleWatcher::new(
             start,
@@ -282,7 +281,7 @@ fn check_capabilities(kvm: &Kvm) -> Result<(), VmError> {
 
 /// A built, not yet running VM.
 struct Machine {
-    _vm: VmFd,
+    _vm: Arc<VmFd>,
     _ram: GuestRam,
     vcpus: Vec<VcpuFd>,
     pio: Arc<Bus>,
@@ -298,13 +297,25 @@ impl Machine {
         output: Option<Box<dyn std::io::Write + Send>>,
         lifecycle: &Arc<Lifecycle>,
     ) -> Result<Self, VmError> {
-        let vm = kvm.create_vm().map_err(kvm_error("create a VM"))?;
+        let vm = Arc::new(kvm.create_vm().map_err(kvm_error("create a VM"))?);
         create_interrupt_controllers(&vm)?;
+        let routing = Arc::new(InterruptRouting::new(vm.clone())?);
         let ram_size = config.memory.size;
         let ram = create_guest_ram(ram_size, config.memory.shared)?;
         register_guest_ram(&vm, &ram)?;
         let cpus = config.cpus.boot_vcpus;
-        let platform = create_platform(&vm, cpus, ram_size, output, lifecycle)?;
+        let mut platform = create_platform(&vm, cpus, ram_size, output, lifecycle)?;
+        let mut mmio = Bus::new();
+        let pci = create_pci(
+            &vm,
+            &routing,
+            &ram,
+            ram_size,
+            &config.disks,
+            &mut platform.pio,
+            &mut mmio,
+        )?;
+        platform.acpi.devices.push(pci.acpi);
         let (kernel, boot_info) = load_payload(&ram, config, &platform.acpi)?;
         let vcpus = create_vcpus(kvm, &vm, cpus)?;
         let mode = match kernel.protocol {
@@ -321,7 +332,7 @@ impl Machine {
             _ram: ram,
             vcpus,
             pio: Arc::new(platform.pio),
-            mmio: Arc::new(Bus::new()),
+            mmio: Arc::new(mmio),
             serial: platform.serial,
             lifecycle: lifecycle.clone(),
         })
@@ -423,7 +434,7 @@ struct RunningMachine {
     stop: Arc<AtomicBool>,
     serial: Option<Arc<Mutex<devices::legacy::serial::Serial>>>,
     _ram: GuestRam,
-    _vm: VmFd,
+    _vm: Arc<VmFd>,
 }
 
 impl RunningMachine {
