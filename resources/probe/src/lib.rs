@@ -1,7 +1,8 @@
 //! The probe guest: boots through PVH or the Linux 64-bit boot protocol and
 //! reports, one `probe: key=value` fact per line on COM1, what the VMM gave
 //! it (command line, memory map, initrd, ACPI tables, CPUs), starts every AP,
-//! then powers off through ACPI like Linux does.
+//! then powers off through ACPI like Linux does, or does the test action
+//! named by `probe.action=` ([`action`]).
 //!
 //! The two binaries (`probe-pvh`, `probe-linux64`) differ only in their ELF
 //! entry point and whether they carry the PVH ELF note.
@@ -9,6 +10,7 @@
 #![no_std]
 
 pub mod acpi;
+pub mod action;
 pub mod boot;
 pub mod io;
 pub mod phys;
@@ -17,6 +19,7 @@ pub mod relaunch;
 pub mod serial;
 pub mod smp;
 
+use action::Action;
 use boot::BootInfo;
 use serial::Quoted;
 
@@ -49,8 +52,20 @@ extern "C" fn probe_main(protocol: u32, info_addr: u64) -> ! {
     }
     let acpi = acpi::discover(&boot, &mut busy);
     smp::start_aps(&acpi.cpus, &boot, &busy);
+    report_unclaimed_port();
     report!("done");
-    power::power_off(&acpi)
+    action::run(Action::requested(&boot), &acpi)
+}
+
+/// COM2's base port: no device in a minimal VMM, so the read shows what
+/// the VMM answers for ports nobody claims (all-ones on a PC).
+const UNCLAIMED_PORT: u16 = 0x2f8;
+
+fn report_unclaimed_port() {
+    report!(
+        "port {UNCLAIMED_PORT:#x} value={:#04x}",
+        io::inb(UNCLAIMED_PORT)
+    );
 }
 
 fn report_boot(boot: &BootInfo) {

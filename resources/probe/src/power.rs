@@ -1,6 +1,7 @@
 //! ACPI soft-off the way Linux does it: SLP_TYPa from the DSDT's `_S5_`
 //! package, then either the hardware-reduced SLEEP_CONTROL_REG or the PM1
-//! control blocks; i8042 reset as the last resort.
+//! control blocks; i8042 reset as the last resort. Also the two resets
+//! Linux uses: the FADT reset register (`reboot=acpi`) and the i8042.
 
 use crate::acpi::{Acpi, Table};
 use crate::io::{self, outb, outl, outw};
@@ -11,11 +12,16 @@ use crate::report;
 const FADT_PM1A_CNT_BLK: usize = 64;
 const FADT_PM1B_CNT_BLK: usize = 68;
 const FADT_FLAGS: usize = 112;
+const FADT_RESET_REG: usize = 116;
+const FADT_RESET_VALUE: usize = 128;
 const FADT_X_PM1A_CNT_BLK: usize = 172;
 const FADT_X_PM1B_CNT_BLK: usize = 184;
 const FADT_SLEEP_CONTROL_REG: usize = 244;
 const GAS_LEN: usize = 12;
+const FLAG_RESET_REG_SUP: u32 = 1 << 10;
 const FLAG_HW_REDUCED_ACPI: u32 = 1 << 20;
+/// How long a reset or power-off gets before the probe calls it failed.
+const GRACE_US: u64 = 100_000;
 
 const SLP_EN_PM1: u16 = 1 << 13;
 const SLP_EN_SLEEP_CONTROL: u8 = 1 << 5;
@@ -23,6 +29,7 @@ const SLP_EN_SLEEP_CONTROL: u8 = 1 << 5;
 // GAS address space IDs.
 const SPACE_MEMORY: u8 = 0;
 const SPACE_IO: u8 = 1;
+const SPACE_PCI_CONFIG: u8 = 2;
 
 // AML opcodes.
 const NAME_OP: u8 = 0x08;
@@ -63,6 +70,15 @@ impl Gas {
         })
     }
 
+    fn space_name(self) -> &'static str {
+        match self.space {
+            SPACE_MEMORY => "memory",
+            SPACE_IO => "io",
+            SPACE_PCI_CONFIG => "pci_config",
+            _ => "other",
+        }
+    }
+
     /// Writes `value` with `width` bytes; false if the space is unsupported.
     fn write(self, value: u32, width: u8) -> bool {
         match self.space {
@@ -100,10 +116,50 @@ pub fn power_off(acpi: &Acpi) -> ! {
         (Some(_), None) => report!("poweroff no_s5"),
         (Some(fadt), Some(slp_typ)) => write_sleep(fadt, slp_typ),
     }
-    io::delay_us(100_000);
+    io::delay_us(GRACE_US);
     report!("poweroff failed");
     outb(I8042_COMMAND, I8042_RESET);
-    io::delay_us(100_000);
+    io::delay_us(GRACE_US);
+    io::halt_forever()
+}
+
+/// Resets through the i8042 controller (0xfe to port 0x64).
+pub fn reset_i8042() -> ! {
+    report!("reset method=i8042");
+    outb(I8042_COMMAND, I8042_RESET);
+    reset_failed()
+}
+
+/// Resets the way Linux `reboot=acpi` does: FADT `RESET_VALUE` written to
+/// `RESET_REG` (one byte to an I/O port, else the register's width), if the
+/// FADT has the register and flags it with RESET_REG_SUP.
+pub fn reset_acpi(acpi: &Acpi) -> ! {
+    let Some(fadt) = acpi.fadt else {
+        report!("reset no_fadt");
+        reset_failed()
+    };
+    let supported = u32_at(fadt.bytes, FADT_FLAGS) & FLAG_RESET_REG_SUP != 0;
+    let reg = Gas::at(fadt, FADT_RESET_REG);
+    let value = fadt.bytes.get(FADT_RESET_VALUE).copied();
+    match (supported, reg, value) {
+        (true, Some(reg), Some(value)) => {
+            report!(
+                "reset method=acpi space={} addr={:#x} value={value:#x}",
+                reg.space_name(),
+                reg.address
+            );
+            if !reg.write(u32::from(value), 1) {
+                report!("reset reset_reg unusable");
+            }
+        }
+        _ => report!("reset no_reset_reg"),
+    }
+    reset_failed()
+}
+
+fn reset_failed() -> ! {
+    io::delay_us(GRACE_US);
+    report!("reset failed");
     io::halt_forever()
 }
 

@@ -1,5 +1,6 @@
-//! COM1 (16550 UART at port 0x3f8): 115200 8N1 setup and polled output of
-//! `probe: ` report lines, serialised across CPUs by a spinlock.
+//! COM1 (16550 UART at port 0x3f8): 115200 8N1 setup, polled output of
+//! `probe: ` report lines (serialised across CPUs by a spinlock) and polled
+//! input.
 
 use core::fmt::{self, Write};
 use core::sync::atomic::{AtomicBool, Ordering};
@@ -13,6 +14,7 @@ const REG_FCR: u16 = 2;
 const REG_LCR: u16 = 3;
 const REG_MCR: u16 = 4;
 const REG_LSR: u16 = 5;
+const LSR_DATA_READY: u8 = 0x01;
 const LSR_THR_EMPTY: u8 = 0x20;
 /// Polls of LSR before writing anyway (a missing UART must not hang us).
 const TX_POLL_LIMIT: u32 = 100_000;
@@ -38,6 +40,14 @@ fn put_byte(byte: u8) {
         core::hint::spin_loop();
     }
     outb(COM1 + REG_DATA, byte);
+}
+
+/// Waits until COM1 has received a byte and returns it.
+pub fn read_byte() -> u8 {
+    while inb(COM1 + REG_LSR) & LSR_DATA_READY == 0 {
+        core::hint::spin_loop();
+    }
+    inb(COM1 + REG_DATA)
 }
 
 struct Com1;
