@@ -530,6 +530,58 @@ impl ProbeReport {
     pub fn panic_message(&self) -> Option<&str> {
         self.value("panic ")
     }
+
+    /// How many times the probe started (more than once after a reboot).
+    pub fn starts(&self) -> usize {
+        self.lines.iter().filter(|l| *l == "start").count()
+    }
+
+    /// The value the probe read from I/O port `port`.
+    pub fn port_value(&self, port: u16) -> Option<u64> {
+        let name = format!("{port:#x}");
+        self.records("port ")
+            .find(|f| f.has_flag(&name))
+            .and_then(|f| f.num("value"))
+    }
+
+    /// The test action the probe ran (`probe.action=`), if any.
+    pub fn action(&self) -> Option<String> {
+        self.records("action ")
+            .find_map(|f| f.get("name").map(str::to_string))
+    }
+
+    /// The address `bad-exec` jumped to.
+    pub fn bad_exec_addr(&self) -> Option<u64> {
+        self.records("action ")
+            .find(|f| f.get("name") == Some("bad-exec"))
+            .and_then(|f| f.num("addr"))
+    }
+
+    /// The reset method the probe used (`i8042`, `acpi`).
+    pub fn reset_method(&self) -> Option<String> {
+        self.records("reset ")
+            .find_map(|f| f.get("method").map(str::to_string))
+    }
+
+    /// The bytes `echo=N` read from the console, unescaped.
+    pub fn echo(&self) -> Option<String> {
+        let quoted = self.value("echo \"")?;
+        Some(unquote(&mut quoted.chars().peekable()))
+    }
+}
+
+/// Deterministic pseudo-random bytes (xorshift64 from `seed`), for initrds
+/// whose checksum must come back unchanged.
+pub fn test_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed | 1;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect()
 }
 
 /// `key=value` fields of one report line; bare words are flags.
@@ -741,6 +793,31 @@ probe: poweroff method=sleep_control slp_typ=5\n";
         assert_eq!((off.method.as_str(), off.slp_typ), ("sleep_control", 5));
         assert!(!report.poweroff_failed());
         assert_eq!(report.panic_message(), None);
+    }
+
+    #[test]
+    fn action_lines_are_parsed() {
+        let report = ProbeReport::parse(
+            "probe: start\nprobe: start\nprobe: port 0x2f8 value=0xff\n\
+             probe: action name=bad-exec addr=0xd0000000\n\
+             probe: reset method=acpi space=io addr=0x602 value=0x1\n\
+             probe: echo waiting\nprobe: echo \"he\\\"l\\x01o\"\n",
+        );
+        assert_eq!(report.starts(), 2);
+        assert_eq!(report.port_value(0x2f8), Some(0xff));
+        assert_eq!(report.port_value(0x3f8), None);
+        assert_eq!(report.action().as_deref(), Some("bad-exec"));
+        assert_eq!(report.bad_exec_addr(), Some(0xd000_0000));
+        assert_eq!(report.reset_method().as_deref(), Some("acpi"));
+        assert_eq!(report.echo().as_deref(), Some("he\"l\u{1}o"));
+        assert_eq!(ProbeReport::parse("probe: echo waiting\n").echo(), None);
+    }
+
+    #[test]
+    fn test_bytes_are_deterministic() {
+        assert_eq!(test_bytes(100, 7), test_bytes(100, 7));
+        assert_ne!(test_bytes(100, 7), test_bytes(100, 8));
+        assert_eq!(test_bytes(5, 1).len(), 5);
     }
 
     #[test]
