@@ -31,11 +31,13 @@ pub enum InitrdError {
         #[source]
         source: io::Error,
     },
-    /// The path is a directory.
-    #[error("initrd {} is a directory; pass a cpio archive file", .path.display())]
-    Directory {
+    /// The path is not a regular file (a directory, FIFO, socket, device).
+    #[error("initrd {} is {kind}, not a file; pass a cpio archive file", .path.display())]
+    NotAFile {
         /// Initrd path.
         path: PathBuf,
+        /// What it is instead.
+        kind: &'static str,
     },
     /// The file is empty.
     #[error("initrd {} is empty; pass a cpio archive or leave out --initrd", .path.display())]
@@ -84,14 +86,16 @@ pub fn load_initrd<M: GuestMemoryBackend>(
         path: path.to_path_buf(),
         source,
     };
-    let mut file = File::open(path).map_err(open_err)?;
-    let metadata = file.metadata().map_err(open_err)?;
-    if metadata.is_dir() {
-        return Err(InitrdError::Directory {
+    // Look before opening: opening a FIFO would block until a writer came.
+    let metadata = std::fs::metadata(path).map_err(open_err)?;
+    if let Some(kind) = crate::file_kind_if_not_regular(&metadata) {
+        return Err(InitrdError::NotAFile {
             path: path.to_path_buf(),
+            kind,
         });
     }
-    let size = metadata.len();
+    let mut file = File::open(path).map_err(open_err)?;
+    let size = file.metadata().map_err(open_err)?.len();
     if size == 0 {
         return Err(InitrdError::Empty {
             path: path.to_path_buf(),
@@ -141,6 +145,22 @@ mod tests {
     use crate::kernel::testimg::{guest_memory, read_guest, TempFile, TEST_RAM};
 
     #[test]
+    fn a_fifo_is_refused_without_blocking() {
+        let dir = std::env::temp_dir().join(format!("zvmm-initrd-fifo-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let fifo = dir.join("fifo");
+        let status = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let mem = guest_memory(TEST_RAM);
+        let err = load_initrd(&mem, &fifo, TEST_RAM, GuestAddress(0x20_0000), None).unwrap_err();
+        assert!(err.to_string().contains("is a FIFO, not a file"), "{err}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
     fn a_directory_is_refused_by_name() {
         let mem = guest_memory(TEST_RAM);
         let err = load_initrd(
@@ -153,7 +173,7 @@ mod tests {
         .unwrap_err();
         assert_eq!(
             err.to_string(),
-            "initrd / is a directory; pass a cpio archive file"
+            "initrd / is a directory, not a file; pass a cpio archive file"
         );
     }
 

@@ -59,8 +59,7 @@ pub fn open_console(config: &ConsoleConfig) -> Result<Option<ConsoleEndpoints>, 
             pty_path: None,
         },
         ConsoleMode::File => {
-            let path = config.file.clone().unwrap_or_default();
-            let file = File::create(&path).map_err(|source| ConsoleError::File { path, source })?;
+            let file = create_output_file(config)?;
             ConsoleEndpoints {
                 output: Box::new(file),
                 input: None,
@@ -68,8 +67,7 @@ pub fn open_console(config: &ConsoleConfig) -> Result<Option<ConsoleEndpoints>, 
             }
         }
         ConsoleMode::Tee => {
-            let path = config.file.clone().unwrap_or_default();
-            let file = File::create(&path).map_err(|source| ConsoleError::File { path, source })?;
+            let file = create_output_file(config)?;
             ConsoleEndpoints {
                 output: Box::new(TeeWriter(file)),
                 input: duplicate_stdin(),
@@ -79,6 +77,34 @@ pub fn open_console(config: &ConsoleConfig) -> Result<Option<ConsoleEndpoints>, 
         ConsoleMode::Pty => open_pty()?,
     };
     Ok(Some(endpoints))
+}
+
+/// Creates (truncates) the console log. Opened non-blocking so a FIFO
+/// without a reader is an error instead of a hang; writes block again
+/// afterwards, so a slow reader slows the guest rather than losing output.
+fn create_output_file(config: &ConsoleConfig) -> Result<File, ConsoleError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = config.file.clone().unwrap_or_default();
+    let file_error = |source| ConsoleError::File {
+        path: path.clone(),
+        source,
+    };
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(&path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ENXIO) => file_error(std::io::Error::other("a FIFO with no reader")),
+            _ => file_error(e),
+        })?;
+    // SAFETY: F_GETFL/F_SETFL on a descriptor we own; no memory is passed.
+    unsafe {
+        let flags = libc::fcntl(file.as_raw_fd(), libc::F_GETFL);
+        libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags & !libc::O_NONBLOCK);
+    }
+    Ok(file)
 }
 
 /// Unbuffered standard output: every guest byte shows at once.
@@ -180,6 +206,17 @@ fn set_raw(fd: RawFd) -> std::io::Result<()> {
 
 /// The terminal settings to put back at exit, also from a panic.
 static SAVED_TERMIOS: Mutex<Option<libc::termios>> = Mutex::new(None);
+/// The same settings, readable without a lock from a signal handler.
+static SIGNAL_SAFE_TERMIOS: OnceLock<libc::termios> = OnceLock::new();
+
+/// Puts back the original terminal settings from a signal handler
+/// (tcsetattr is async-signal-safe; the settings are read lock-free).
+pub fn restore_terminal_from_signal() {
+    if let Some(termios) = SIGNAL_SAFE_TERMIOS.get() {
+        // SAFETY: restores settings previously read from the same fd.
+        unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, termios) };
+    }
+}
 
 /// Puts the controlling terminal on stdin in raw mode until dropped.
 pub struct RawTerminal(());
@@ -198,6 +235,7 @@ impl RawTerminal {
             return None;
         }
         *SAVED_TERMIOS.lock().unwrap_or_else(|p| p.into_inner()) = Some(original);
+        let _ = SIGNAL_SAFE_TERMIOS.set(original);
         let previous_hook = std::panic::take_hook();
         std::panic::set_hook(Box::new(move |info| {
             restore_terminal();

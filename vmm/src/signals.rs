@@ -3,7 +3,7 @@
 //! that turns it into a clean [`StopReason::Signal`].
 
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
@@ -15,6 +15,14 @@ use crate::lifecycle::{Lifecycle, StopReason};
 static SIGNAL_EVENT: OnceLock<EventFd> = OnceLock::new();
 static SIGNAL_EVENT_FD: AtomicI32 = AtomicI32::new(-1);
 static LAST_SIGNAL: AtomicI32 = AtomicI32::new(0);
+/// False until the first event loop runs: until then nothing would act on
+/// a recorded signal, so the handler ends the process itself.
+static LOOP_RUNNING: AtomicBool = AtomicBool::new(false);
+
+/// Marks that the event loop now handles termination signals.
+pub fn loop_started() {
+    LOOP_RUNNING.store(true, Ordering::SeqCst);
+}
 
 extern "C" fn handle_termination(
     signal: libc::c_int,

@@ -241,6 +241,7 @@ impl Vmm {
             let forwarder = InputForwarder::new(input, serial.clone(), lifecycle.clone(), escape);
             events.add_subscriber(Box::new(forwarder));
         }
+        signals::loop_started();
         while lifecycle.reason().is_none() {
             match events.run_with_timeout(50) {
                 Ok(_) => {}

@@ -79,6 +79,14 @@ pub enum KernelError {
         #[source]
         source: io::Error,
     },
+    /// The path is not a regular file (a directory, FIFO, socket, device).
+    #[error("kernel {} is {kind}, not a file; pass the kernel image file", .path.display())]
+    NotAFile {
+        /// Kernel path.
+        path: PathBuf,
+        /// What it is instead.
+        kind: &'static str,
+    },
     /// Reading the file failed.
     #[error("cannot read kernel {}", .path.display())]
     Read {
@@ -296,6 +304,14 @@ impl KernelFile {
             path: path.to_path_buf(),
             source,
         };
+        // Look before opening: opening a FIFO would block until a writer came.
+        let metadata = std::fs::metadata(path).map_err(open_err)?;
+        if let Some(kind) = crate::file_kind_if_not_regular(&metadata) {
+            return Err(KernelError::NotAFile {
+                path: path.to_path_buf(),
+                kind,
+            });
+        }
         let file = File::open(path).map_err(open_err)?;
         let size = file.metadata().map_err(open_err)?.len();
         Ok(Self {
@@ -427,10 +443,24 @@ mod tests {
     }
 
     #[test]
-    fn directory_is_unreadable() {
+    fn directory_is_not_a_file() {
         let mem = guest_memory(TEST_RAM);
         let err = load_kernel(&mem, Path::new("/")).unwrap_err();
-        assert!(matches!(err, KernelError::Read { .. }), "{err:?}");
+        assert!(
+            matches!(
+                err,
+                KernelError::NotAFile {
+                    kind: "a directory",
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        let err = load_kernel(&mem, Path::new("/dev/null")).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "kernel /dev/null is a character device, not a file; pass the kernel image file"
+        );
     }
 
     #[test]
