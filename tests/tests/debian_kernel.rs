@@ -17,28 +17,12 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use loader::layout::{memory_map, MemoryKind};
-use zvmm_tests::zvmm::{scratch_dir, workspace_root, zvmm_bin};
+use zvmm_tests::assets::debian_bzimage;
+use zvmm_tests::zvmm::{scratch_dir, zvmm_bin};
 
 const MEMORY: u64 = 512 << 20;
 /// Early boot up to the SMP line takes about 40 s on KVM-PVM.
 const BUDGET: Duration = Duration::from_secs(240);
-
-/// The Debian bzImage, fetched from the package if not there yet.
-fn debian_bzimage() -> PathBuf {
-    let root = workspace_root();
-    let bzimage = root.join("resources/cache/debian/vmlinuz");
-    if !bzimage.exists() {
-        let status = Command::new("bash")
-            .arg(root.join("resources/fetch-debian-assets.sh"))
-            .status()
-            .expect("cannot run resources/fetch-debian-assets.sh");
-        assert!(
-            status.success(),
-            "fetching the Debian kernel package failed"
-        );
-    }
-    bzimage
-}
 
 /// The vmlinux inside the Debian bzImage, extracted with `loader::extract`
 /// once per test process.
@@ -187,7 +171,7 @@ fn silent_kernel_gets_a_console_hint() {
 #[ignore = "needs VT-x/AMD-V; KVM-PVM cannot complete a stock kernel boot"]
 fn debian_kernel_boots_busybox_and_powers_off() {
     let bzimage = debian_bzimage();
-    let initramfs = workspace_root().join("resources/cache/debian/initramfs.cpio");
+    let initramfs = zvmm_tests::assets::debian_asset("initramfs.cpio");
     let args: Vec<String> = vec![
         "--kernel".into(),
         bzimage.display().to_string(),

@@ -4,33 +4,16 @@
 //! verdict, each cross-checked against the file's bytes), and the exit
 //! status for files zvmm cannot boot.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::time::Duration;
 
 use linux_loader::elf::PT_NOTE;
 
-use zvmm_tests::zvmm::{run_zvmm, scratch_dir, workspace_root, Finished};
+use zvmm_tests::assets::debian_bzimage;
+use zvmm_tests::zvmm::{run_zvmm, scratch_dir, Finished};
 
 /// Inspecting or extracting the 14 MB bzImage takes well under a second.
 const LIMIT: Duration = Duration::from_secs(60);
-
-/// The Debian bzImage, fetched from the package if not there yet.
-fn debian_bzimage() -> PathBuf {
-    let root = workspace_root();
-    let bzimage = root.join("resources/cache/debian/vmlinuz");
-    if !bzimage.exists() {
-        let status = Command::new("bash")
-            .arg(root.join("resources/fetch-debian-assets.sh"))
-            .status()
-            .expect("cannot run resources/fetch-debian-assets.sh");
-        assert!(
-            status.success(),
-            "fetching the Debian kernel package failed"
-        );
-    }
-    bzimage
-}
 
 fn inspect(file: &Path) -> Finished {
     run_zvmm(
