@@ -62,6 +62,8 @@ pub struct Acpi {
     pub dsdt: Option<Table>,
     /// CPUs from the MADT.
     pub cpus: Cpus,
+    /// PCI Express memory-mapped configuration table (ECAM windows).
+    pub mcfg: Option<Table>,
 }
 
 /// Finds, checks and reports all ACPI tables; marks them busy.
@@ -74,6 +76,7 @@ pub fn discover(boot: &BootInfo, busy: &mut BusyRanges) -> Acpi {
             count: 0,
             lapic_addr: DEFAULT_LAPIC,
         },
+        mcfg: None,
     };
     let (rsdp, source) = match boot.rsdp {
         Some(addr) => (Some(addr), boot.protocol.info_name()),
@@ -103,6 +106,7 @@ pub fn discover(boot: &BootInfo, busy: &mut BusyRanges) -> Acpi {
         match table.signature() {
             b"FACP" => acpi.fadt = Some(table),
             b"APIC" => madt = Some(table),
+            b"MCFG" => acpi.mcfg = Some(table),
             _ => {}
         }
     }

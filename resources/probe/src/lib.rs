@@ -11,13 +11,16 @@
 
 pub mod acpi;
 pub mod action;
+pub mod blk;
 pub mod boot;
 pub mod io;
+pub mod pci;
 pub mod phys;
 pub mod power;
 pub mod relaunch;
 pub mod serial;
 pub mod smp;
+pub mod virtio;
 
 use action::Action;
 use boot::BootInfo;
@@ -52,6 +55,7 @@ extern "C" fn probe_main(protocol: u32, info_addr: u64) -> ! {
     }
     let acpi = acpi::discover(&boot, &mut busy);
     smp::start_aps(&acpi.cpus, &boot, &busy);
+    blk::run(&boot, &acpi);
     report_unclaimed_port();
     report!("done");
     action::run(Action::requested(&boot), &acpi)
