@@ -5,7 +5,9 @@
 pub mod bus;
 pub mod config;
 pub mod console;
+pub mod control;
 pub mod cpuid;
+pub mod handle;
 pub mod interrupts;
 pub mod lifecycle;
 pub mod memory;

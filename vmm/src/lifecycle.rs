@@ -57,6 +57,9 @@ pub enum StopReason {
     },
     /// SIGTERM or SIGINT.
     Signal(i32),
+    /// Stopped on request through the library handle or the API (a hard
+    /// stop: the guest is not asked).
+    Requested,
 }
 
 impl StopReason {
@@ -68,7 +71,7 @@ impl StopReason {
     /// The process exit status for this reason, when zvmm ends on it.
     pub fn exit_status(&self) -> i32 {
         match self {
-            StopReason::PowerOff | StopReason::Expected => EXIT_POWEROFF,
+            StopReason::PowerOff | StopReason::Expected | StopReason::Requested => EXIT_POWEROFF,
             StopReason::FailPattern { .. } => EXIT_FAIL_PATTERN,
             StopReason::Reset | StopReason::TripleFault { .. } => EXIT_RESET,
             StopReason::Crash { .. } => EXIT_CRASH,
@@ -159,6 +162,7 @@ mod tests {
         };
         assert_eq!(fail.exit_status(), 5);
         assert_eq!(StopReason::Signal(15).exit_status(), 143);
+        assert_eq!(StopReason::Requested.exit_status(), 0);
         assert!(StopReason::TripleFault { vcpu: 1 }.is_reset());
         assert!(!StopReason::PowerOff.is_reset());
     }

@@ -12,7 +12,7 @@ use vmm::lifecycle::{StopReason, EXIT_ERROR, EXIT_USAGE};
 
 /// Exit status: the guest powered off before every --expect matched.
 const EXIT_EXPECT_UNMET: i32 = 6;
-use vmm::vm::Vmm;
+use vmm::handle::Vm;
 
 const EXIT_STATUSES: &str = "\
 Exit status:
@@ -218,10 +218,14 @@ fn report(result: anyhow::Result<i32>) -> i32 {
 fn boot(config: VmConfig) -> anyhow::Result<i32> {
     let boot_timer = config.watch.boot_timer;
     let cmdline = config.payload.cmdline.clone().unwrap_or_default();
-    let mut vmm = Vmm::new(config)?;
-    let reason = vmm.run()?;
-    let summary = vmm.console_summary();
-    drop(vmm);
+    let vm = Vm::create(config)?;
+    vm.boot()?;
+    let report = vm.wait();
+    // Closes the console and restores the terminal before printing.
+    vm.quit();
+    let report = report.context("the VMM thread ended without a stop report")?;
+    let reason = report.outcome?;
+    let summary = report.summary;
     describe_stop(&reason);
     let mut status = reason.exit_status();
     if !summary.unmatched.is_empty() {
@@ -246,7 +250,7 @@ fn boot(config: VmConfig) -> anyhow::Result<i32> {
 fn silent_guest_hint(reason: &StopReason, saw_output: bool, cmdline: &str) -> Option<&'static str> {
     let failed = !matches!(
         reason,
-        StopReason::PowerOff | StopReason::Expected | StopReason::Signal(_)
+        StopReason::PowerOff | StopReason::Expected | StopReason::Signal(_) | StopReason::Requested
     );
     if saw_output || !failed {
         return None;
@@ -278,6 +282,7 @@ fn describe_stop(reason: &StopReason) {
             eprintln!("zvmm: --fail-on '{pattern}' matched: {line}")
         }
         StopReason::Signal(signal) => eprintln!("zvmm: stopped by signal {signal}"),
+        StopReason::Requested => {}
     }
 }
 

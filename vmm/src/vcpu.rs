@@ -3,12 +3,14 @@
 //! a stop request (the VM's `stop` flag plus a kick signal that sets
 //! `immediate_exit`, so a vCPU halted inside KVM leaves at once), on a
 //! triple fault, or on a KVM failure, which it reports to the
-//! [`Lifecycle`].
+//! [`Lifecycle`]. Pausing parks every thread on a [`PauseGate`] (the same
+//! kick gets it out of KVM_RUN) until the VM is resumed or stopped.
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use kvm_bindings::{
     kvm_run, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
@@ -78,6 +80,83 @@ pub struct Vcpu {
     pub stop: Arc<AtomicBool>,
     /// Called once, just before the first KVM_RUN.
     pub on_first_entry: Option<Box<dyn FnOnce() + Send>>,
+    /// Where the thread parks while the VM is paused.
+    pub pause: Arc<PauseGate>,
+}
+
+/// Parks vCPU threads while the VM is paused.
+#[derive(Default)]
+pub struct PauseGate {
+    state: Mutex<GateState>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct GateState {
+    paused: bool,
+    parked: usize,
+}
+
+impl PauseGate {
+    /// An open gate: nothing parks.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, GateState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Asks every vCPU thread to park at its next exit from KVM_RUN.
+    pub fn close(&self) {
+        self.lock().paused = true;
+    }
+
+    /// Lets parked threads run again.
+    pub fn open(&self) {
+        self.lock().paused = false;
+        self.changed.notify_all();
+    }
+
+    /// Wakes parked threads so they notice a stop request.
+    pub fn wake_all(&self) {
+        let _guard = self.lock();
+        self.changed.notify_all();
+    }
+
+    /// Waits at most `limit` for `count` threads to park, calling `kick`
+    /// between checks; returns how many parked.
+    pub fn wait_parked(&self, count: usize, limit: Duration, mut kick: impl FnMut()) -> usize {
+        let deadline = Instant::now() + limit;
+        let mut state = self.lock();
+        while state.parked < count && Instant::now() < deadline {
+            drop(state);
+            kick();
+            state = self.lock();
+            state = self
+                .changed
+                .wait_timeout(state, Duration::from_millis(1))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        state.parked
+    }
+
+    /// Parks the calling vCPU thread while the gate is closed and `stop`
+    /// is not set; returns whether it parked.
+    fn park(&self, stop: &AtomicBool) -> bool {
+        let mut state = self.lock();
+        if !state.paused {
+            return false;
+        }
+        state.parked += 1;
+        self.changed.notify_all();
+        while state.paused && !stop.load(Ordering::Acquire) {
+            state = self.changed.wait(state).unwrap_or_else(|p| p.into_inner());
+        }
+        state.parked -= 1;
+        true
+    }
 }
 
 /// A running vCPU thread.
@@ -121,6 +200,9 @@ impl Vcpu {
             on_first_entry();
         }
         while !self.stop.load(Ordering::Acquire) {
+            if self.pause.park(&self.stop) {
+                continue;
+            }
             if let Some(reason) = self.run_once() {
                 self.lifecycle.stop(reason);
                 break;
@@ -210,5 +292,61 @@ impl Vcpu {
             vcpu: self.index,
             detail: format!("{what}\n{}", dump_registers(&self.fd)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parker(gate: &Arc<PauseGate>, stop: &Arc<AtomicBool>) -> JoinHandle<bool> {
+        let (gate, stop) = (gate.clone(), stop.clone());
+        std::thread::spawn(move || gate.park(&stop))
+    }
+
+    #[test]
+    fn open_gate_does_not_park() {
+        let gate = PauseGate::new();
+        assert!(!gate.park(&AtomicBool::new(false)));
+    }
+
+    #[test]
+    fn closed_gate_parks_until_opened() {
+        let gate = Arc::new(PauseGate::new());
+        let stop = Arc::new(AtomicBool::new(false));
+        gate.close();
+        let threads = [parker(&gate, &stop), parker(&gate, &stop)];
+        let mut kicks = 0;
+        assert_eq!(
+            gate.wait_parked(2, Duration::from_secs(5), || kicks += 1),
+            2
+        );
+        assert!(threads.iter().all(|t| !t.is_finished()));
+        gate.open();
+        for thread in threads {
+            assert!(thread.join().unwrap());
+        }
+    }
+
+    #[test]
+    fn stop_releases_parked_threads() {
+        let gate = Arc::new(PauseGate::new());
+        let stop = Arc::new(AtomicBool::new(false));
+        gate.close();
+        let thread = parker(&gate, &stop);
+        assert_eq!(gate.wait_parked(1, Duration::from_secs(5), || {}), 1);
+        stop.store(true, Ordering::Release);
+        gate.wake_all();
+        assert!(thread.join().unwrap());
+    }
+
+    #[test]
+    fn waiting_for_parkers_gives_up() {
+        let gate = PauseGate::new();
+        gate.close();
+        let mut kicks = 0;
+        let parked = gate.wait_parked(1, Duration::from_millis(20), || kicks += 1);
+        assert_eq!(parked, 0);
+        assert!(kicks > 0);
     }
 }

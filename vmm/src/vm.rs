@@ -2,6 +2,8 @@
 //! platform, loads the kernel, initrd, boot parameters and ACPI tables,
 //! configures and starts the vCPUs, runs the event loop until something
 //! stops the VM, and restarts it on a guest reset unless told not to.
+//! Runs on the VMM thread, taking requests (pause, resume, shutdown, ...)
+//! from a [`Control`] between event-loop rounds.
 
 use std::fs::File;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -19,6 +21,9 @@ use vmm_sys_util::timerfd::TimerFd;
 use crate::bus::Bus;
 use crate::config::{ConsoleMode, OnReset, VmConfig};
 use crate::console::{announce_pty, open_console, InputForwarder, RawTerminal};
+use crate::control::{
+    Command, Control, ControlError, Counters, Reply, Request, StopReport, VmEvent, VmState,
+};
 use crate::cpuid::build_cpuid;
 use crate::interrupts::InterruptRouting;
 use crate::lifecycle::{Lifecycle, StopReason};
@@ -27,7 +32,7 @@ use crate::pci::create_pci;
 use crate::platform::{create_interrupt_controllers, create_platform};
 use crate::regs::{self, EntryMode};
 use crate::signals;
-use crate::vcpu::{install_kick_handler, Vcpu, VcpuHandle};
+use crate::vcpu::{install_kick_handler, PauseGate, Vcpu, VcpuHandle};
 use crate::watch::{compile, process_start, ConsoleWatcher, Timeline, WatchedOutput};
 use crate::writer::SharedWriter;
 
@@ -119,6 +124,7 @@ pub struct Vmm {
 }
 
 /// What the console showed during a run, for the exit report.
+#[derive(Clone, Debug, Default)]
 pub struct ConsoleSummary {
     /// The boot timeline, ending with the exit.
     pub timeline: Timeline,
@@ -188,19 +194,40 @@ impl Vmm {
         &self.config
     }
 
-    /// Boots the VM and runs it until it stops for good; guest resets
-    /// reboot it unless `on_reset` is `Exit`.
-    pub fn run(&mut self) -> Result<StopReason, VmError> {
+    /// Serves `control`'s requests until told to quit: the body of the
+    /// VMM thread that [`crate::handle::Vm::create`] starts. The VM boots
+    /// on [`Command::Boot`]; guest resets reboot it unless `on_reset` is
+    /// `Exit`; every stop is recorded in `control`.
+    pub fn serve(mut self, control: &Control) {
         loop {
-            let reason = self.boot_once()?;
-            if reason.is_reset() && self.config.on_reset == OnReset::Reboot {
-                continue;
+            let request = control.next();
+            match request.command {
+                Command::Boot => match self.start(control) {
+                    Err(e) => request.answer(Err(e.into())),
+                    Ok(started) => {
+                        request.answer(Ok(Reply::Done));
+                        if self.run(control, started) {
+                            break;
+                        }
+                    }
+                },
+                Command::Quit => {
+                    request.answer(Ok(Reply::Done));
+                    break;
+                }
+                command => {
+                    let state = control.state();
+                    request.answer(Err(ControlError::WrongState {
+                        action: command.action(),
+                        state,
+                    }));
+                }
             }
-            return Ok(reason);
         }
     }
 
-    fn boot_once(&mut self) -> Result<StopReason, VmError> {
+    /// Builds the machine and starts its vCPUs.
+    fn start(&mut self, control: &Control) -> Result<Started, VmError> {
         let lifecycle = Arc::new(Lifecycle::new().map_err(host_error("an eventfd"))?);
         lock_watcher(&self.watcher).attach(lifecycle.clone());
         let output = self.output.clone().map(|inner| {
@@ -213,21 +240,65 @@ impl Vmm {
             Box::new(move || lock_watcher(&watcher).mark("first guest entry (vCPU 0)"));
         let running = machine.start(on_first_entry)?;
         lock_watcher(&self.watcher).mark("VM ready (vCPUs started)");
-        let result = self.event_loop(&running, &lifecycle);
-        running.stop();
-        result?;
-        Ok(lifecycle.reason().unwrap_or(StopReason::PowerOff))
+        control.set_state(VmState::Running);
+        control.emit(VmEvent::Booted);
+        Ok(Started { running, lifecycle })
+    }
+
+    /// Runs a started VM until it stops for good, rebooting it on guest
+    /// resets and reboot requests; returns whether the VMM must quit.
+    fn run(&mut self, control: &Control, mut started: Started) -> bool {
+        loop {
+            let mut session = Session::default();
+            let result = self.event_loop(&started, control, &mut session);
+            let Started { running, lifecycle } = started;
+            running.stop();
+            let reason = lifecycle.reason().unwrap_or(StopReason::PowerOff);
+            let guest_reset = reason.is_reset() && self.config.on_reset == OnReset::Reboot;
+            let requested_reboot = session.reboot && reason == StopReason::Requested;
+            let outcome = match result {
+                Ok(()) if (guest_reset || requested_reboot) && !session.quit => {
+                    if guest_reset {
+                        control.emit(VmEvent::Reset);
+                    }
+                    match self.start(control) {
+                        Ok(next) => {
+                            session.answer_all(Ok(()));
+                            started = next;
+                            continue;
+                        }
+                        Err(e) => Err(Arc::new(e)),
+                    }
+                }
+                Ok(()) => Ok(reason),
+                Err(e) => Err(Arc::new(e)),
+            };
+            session.answer_all(outcome.as_ref().map(|_| ()).map_err(Arc::clone));
+            control.stopped(StopReport {
+                outcome,
+                summary: self.console_summary(),
+            });
+            return session.quit;
+        }
     }
 
     fn event_loop(
         &self,
-        running: &RunningMachine,
-        lifecycle: &Arc<Lifecycle>,
+        started: &Started,
+        control: &Control,
+        session: &mut Session,
     ) -> Result<(), VmError> {
+        let Started { running, lifecycle } = started;
         let mut events: EventManager<Box<dyn MutEventSubscriber>> =
             EventManager::new().map_err(VmError::EventLoop)?;
         events.add_subscriber(Box::new(StopWatcher {
             lifecycle: lifecycle.clone(),
+        }));
+        events.add_subscriber(Box::new(RequestWatcher {
+            wake: control
+                .wake_fd()
+                .try_clone()
+                .map_err(host_error("the request eventfd"))?,
         }));
         events.add_subscriber(Box::new(signals::SignalWatcher::new(lifecycle.clone())));
         if let Some(deadline) = self.deadline {
@@ -243,6 +314,9 @@ impl Vmm {
         }
         signals::loop_started();
         while lifecycle.reason().is_none() {
+            while let Some(request) = control.try_next() {
+                apply_request(request, started, control, session);
+            }
             match events.run_with_timeout(50) {
                 Ok(_) => {}
                 Err(event_manager::Error::Epoll(e)) if e.errno() == libc::EINTR => {}
@@ -252,6 +326,63 @@ impl Vmm {
         }
         Ok(())
     }
+}
+
+/// A VM whose vCPUs were started, with the lifecycle of this boot.
+struct Started {
+    running: RunningMachine,
+    lifecycle: Arc<Lifecycle>,
+}
+
+/// Requests that stop the current boot, answered once it has stopped.
+#[derive(Default)]
+struct Session {
+    waiting: Vec<Request>,
+    reboot: bool,
+    quit: bool,
+}
+
+impl Session {
+    fn answer_all(&mut self, result: Result<(), Arc<VmError>>) {
+        for request in self.waiting.drain(..) {
+            request.answer(match &result {
+                Ok(()) => Ok(Reply::Done),
+                Err(e) => Err(ControlError::Vm(e.clone())),
+            });
+        }
+    }
+}
+
+/// Carries out one request while the VM runs.
+fn apply_request(request: Request, started: &Started, control: &Control, session: &mut Session) {
+    let state = control.state();
+    let wrong_state = |command: Command| ControlError::WrongState {
+        action: command.action(),
+        state,
+    };
+    let result = match (request.command, state) {
+        (Command::Pause, VmState::Running) => started.running.pause().map(|()| {
+            control.set_state(VmState::Paused);
+            control.emit(VmEvent::Paused);
+            Reply::Done
+        }),
+        (Command::Resume, VmState::Paused) => {
+            started.running.resume();
+            control.set_state(VmState::Running);
+            control.emit(VmEvent::Resumed);
+            Ok(Reply::Done)
+        }
+        (Command::Counters, _) => Ok(Reply::Counters(started.running.counters())),
+        (command @ (Command::Shutdown | Command::Reboot | Command::Quit), _) => {
+            session.reboot |= command == Command::Reboot;
+            session.quit |= command == Command::Quit;
+            session.waiting.push(request);
+            started.lifecycle.stop(StopReason::Requested);
+            return;
+        }
+        (command, _) => Err(wrong_state(command)),
+    };
+    request.answer(result);
 }
 
 fn lock_watcher(watcher: &Mutex<ConsoleWatcher>) -> std::sync::MutexGuard<'_, ConsoleWatcher> {
@@ -289,6 +420,8 @@ struct Machine {
     mmio: Arc<Bus>,
     serial: Option<Arc<Mutex<devices::legacy::serial::Serial>>>,
     lifecycle: Arc<Lifecycle>,
+    pci_root: Arc<Mutex<devices::pci::PciRoot>>,
+    disk_names: Vec<String>,
 }
 
 impl Machine {
@@ -317,6 +450,12 @@ impl Machine {
             &mut mmio,
         )?;
         platform.acpi.devices.push(pci.acpi);
+        let disk_names = config
+            .disks
+            .iter()
+            .enumerate()
+            .map(|(index, disk)| disk.id.clone().unwrap_or_else(|| format!("_disk{index}")))
+            .collect();
         let (kernel, boot_info) = load_payload(&ram, config, &platform.acpi)?;
         let vcpus = create_vcpus(kvm, &vm, cpus)?;
         let mode = match kernel.protocol {
@@ -336,18 +475,26 @@ impl Machine {
             mmio: Arc::new(mmio),
             serial: platform.serial,
             lifecycle: lifecycle.clone(),
+            pci_root: pci.root,
+            disk_names,
         })
     }
 
     fn start(self, on_first_entry: Box<dyn FnOnce() + Send>) -> Result<RunningMachine, VmError> {
         let mut on_first_entry = Some(on_first_entry);
         let stop = Arc::new(AtomicBool::new(false));
+        let pause = Arc::new(PauseGate::new());
         let mut running = RunningMachine {
             _vm: self._vm,
             _ram: self._ram,
             handles: Vec::new(),
             stop: stop.clone(),
+            pause: pause.clone(),
             serial: self.serial,
+            pio: self.pio.clone(),
+            mmio: self.mmio.clone(),
+            pci_root: self.pci_root,
+            disk_names: self.disk_names,
         };
         for (index, fd) in self.vcpus.into_iter().enumerate() {
             let vcpu = Vcpu {
@@ -358,6 +505,7 @@ impl Machine {
                 lifecycle: self.lifecycle.clone(),
                 stop: stop.clone(),
                 on_first_entry: on_first_entry.take(),
+                pause: pause.clone(),
             };
             // On failure `running` is dropped, which stops the started ones.
             running.handles.push(vcpu.start()?);
@@ -433,7 +581,12 @@ struct RunningMachine {
     // memory and VM fds they use go away.
     handles: Vec<VcpuHandle>,
     stop: Arc<AtomicBool>,
+    pause: Arc<PauseGate>,
     serial: Option<Arc<Mutex<devices::legacy::serial::Serial>>>,
+    pio: Arc<Bus>,
+    mmio: Arc<Bus>,
+    pci_root: Arc<Mutex<devices::pci::PciRoot>>,
+    disk_names: Vec<String>,
     _ram: GuestRam,
     _vm: Arc<VmFd>,
 }
@@ -444,8 +597,53 @@ impl RunningMachine {
         self.stop_threads();
     }
 
+    /// Parks every vCPU thread; undone if they don't all park in time.
+    fn pause(&self) -> Result<(), ControlError> {
+        self.pause.close();
+        let live: Vec<&VcpuHandle> = self.handles.iter().filter(|h| !h.is_finished()).collect();
+        let parked = self.pause.wait_parked(live.len(), PAUSE_LIMIT, || {
+            live.iter().for_each(|h| h.kick())
+        });
+        if parked < live.len() {
+            self.pause.open();
+            return Err(ControlError::PauseTimeout {
+                parked,
+                total: live.len(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Lets the parked vCPU threads run again.
+    fn resume(&self) {
+        self.pause.open();
+    }
+
+    /// Unclaimed bus accesses and each disk's counters.
+    fn counters(&self) -> Counters {
+        let mut counters = Counters::new();
+        for (name, bus) in [("pio-bus", &self.pio), ("mmio-bus", &self.mmio)] {
+            let (reads, writes) = bus.unclaimed();
+            let entry = counters.entry(name.to_string()).or_default();
+            entry.insert("unclaimed_reads".into(), reads);
+            entry.insert("unclaimed_writes".into(), writes);
+        }
+        let root = self.pci_root.lock().unwrap_or_else(|p| p.into_inner());
+        for (index, name) in self.disk_names.iter().enumerate() {
+            // Disks take the first free slots in order, after the host
+            // bridge in slot 0.
+            let slot = u8::try_from(index + 1).unwrap_or(u8::MAX);
+            let entry = counters.entry(name.clone()).or_default();
+            for (counter, value) in root.counters(slot) {
+                entry.insert(counter.to_string(), value);
+            }
+        }
+        counters
+    }
+
     fn stop_threads(&mut self) {
         self.stop.store(true, Ordering::Release);
+        self.pause.wake_all();
         let handles = std::mem::take(&mut self.handles);
         // Kick until each thread has left KVM_RUN: a kick that lands just
         // before the thread enters KVM_RUN is caught by immediate_exit.
@@ -462,6 +660,26 @@ impl RunningMachine {
 impl Drop for RunningMachine {
     fn drop(&mut self) {
         self.stop_threads();
+    }
+}
+
+/// How long the vCPUs get to park on a pause request.
+const PAUSE_LIMIT: Duration = Duration::from_secs(1);
+
+/// Wakes the event loop when a request is queued; the loop takes the
+/// requests itself.
+struct RequestWatcher {
+    wake: vmm_sys_util::eventfd::EventFd,
+}
+
+impl MutEventSubscriber for RequestWatcher {
+    fn process(&mut self, _: Events, _: &mut EventOps) {
+        let _ = self.wake.read();
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        // Registration failure leaves the 50 ms poll as the fallback.
+        let _ = ops.add(Events::new(&self.wake, EventSet::IN));
     }
 }
 
