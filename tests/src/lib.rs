@@ -1,6 +1,7 @@
 //! End-to-end test helpers.
 pub mod assets;
 pub mod bench;
+pub mod disk;
 pub mod probe;
 pub mod qemu;
 pub mod zvmm;

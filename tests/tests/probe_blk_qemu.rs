@@ -9,12 +9,12 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use zvmm_tests::disk::{line, make_image, pattern, range_bytes, SECTOR};
 use zvmm_tests::probe::{fnv1a64, probe_elf, test_bytes, Fields, Flavour, ProbeReport};
 use zvmm_tests::qemu::{self, QemuRun};
 
 /// Hard limit for one QEMU run (q35's SeaBIOS alone takes ~10 s here).
 const LIMIT: Duration = Duration::from_secs(60);
-const SECTOR: u64 = 512;
 /// Writable disk: 64 MiB, read-only disk: 8 MiB.
 const RW_SIZE: u64 = 64 << 20;
 const RO_SIZE: u64 = 8 << 20;
@@ -29,43 +29,11 @@ const WRITE: (u64, u64) = (2048, 200);
 const DISCARD: (u64, u64) = (4096, 2048);
 const ZERO: (u64, u64) = (8192, 64);
 
-/// Byte `i` of sector `sector` as the probe writes it.
-fn pattern_byte(sector: u64, i: u64) -> u8 {
-    ((sector * 31 + i) & 0xff) as u8
-}
-
 fn scratch_dir(test: &str) -> PathBuf {
     let name = format!("zvmm-probe-blk-{}-{test}", std::process::id());
     let dir = std::env::temp_dir().join(name);
     std::fs::create_dir_all(&dir).unwrap();
     dir
-}
-
-/// A sparse image of `size` bytes with `data` written at byte offsets.
-fn make_image(path: &Path, size: u64, data: &[(u64, Vec<u8>)]) {
-    use std::os::unix::fs::FileExt;
-    let file = std::fs::File::create(path).unwrap();
-    file.set_len(size).unwrap();
-    for (offset, bytes) in data {
-        file.write_all_at(bytes, *offset).unwrap();
-    }
-    file.sync_all().unwrap();
-}
-
-fn range_bytes(image: &[u8], (sector, count): (u64, u64)) -> &[u8] {
-    &image[(sector * SECTOR) as usize..((sector + count) * SECTOR) as usize]
-}
-
-/// The fields of the first report line `{stem} {start}...`, parsed from
-/// `start` on (so `start`'s own key is included).
-fn line(report: &ProbeReport, stem: &str, start: &str, context: &str) -> Fields {
-    let prefix = format!("{stem} ");
-    let rest = report
-        .values(&prefix)
-        .into_iter()
-        .find(|rest| rest.starts_with(start))
-        .unwrap_or_else(|| panic!("no line '{prefix}{start}...': {context}"));
-    Fields::parse(rest)
 }
 
 fn drive_args(path: &Path, id: &str, extra: &str, slot: u8, serial: &str) -> Vec<String> {
@@ -171,9 +139,7 @@ fn virtio_blk_under_qemu_q35() {
     assert_eq!(rw_cfg.get("indirect"), Some("1"), "{context}");
     assert_eq!(rw_cfg.get("event_idx"), Some("1"), "{context}");
     check_common(&report, RW_SLOT, "probe-serial", &head, context);
-    let written: Vec<u8> = (WRITE.0..WRITE.0 + WRITE.1)
-        .flat_map(|s| (0..SECTOR).map(move |i| pattern_byte(s, i)))
-        .collect();
+    let written = pattern(WRITE.0, WRITE.1);
     let write = line(&report, &format!("blk slot={RW_SLOT}"), "write ", context);
     assert_eq!(write.get("status"), Some("ok"), "{context}");
     assert_eq!(write.get("readback"), Some("ok"), "{context}");
