@@ -311,11 +311,6 @@ impl Control {
     pub fn emit(&self, event: VmEvent) {
         lock(&self.subscribers).retain(|sender| sender.send(event.clone()).is_ok());
     }
-
-    /// Fills the pty path into the configuration (known once opened).
-    pub fn update_config(&self, config: VmConfig) {
-        lock(&self.status).config = config;
-    }
 }
 
 #[cfg(test)]

@@ -69,13 +69,15 @@ impl Vm {
     /// The VM is [`VmState::Created`] until [`VmHandle::boot`].
     pub fn create(config: VmConfig) -> Result<VmHandle, VmError> {
         let vmm = Vmm::new(config)?;
-        let control =
-            Arc::new(
-                Control::new(vmm.config().clone()).map_err(|source| VmError::Host {
-                    what: "the request eventfd",
-                    source,
-                })?,
-            );
+        let mut reported = vmm.config().clone();
+        if reported.cpus.max_vcpus == 0 {
+            reported.cpus.max_vcpus = reported.cpus.boot_vcpus;
+        }
+        let control = Control::new(reported).map_err(|source| VmError::Host {
+            what: "the request eventfd",
+            source,
+        })?;
+        let control = Arc::new(control);
         let served = control.clone();
         let thread = std::thread::Builder::new()
             .name("vmm".into())

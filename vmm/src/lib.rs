@@ -2,6 +2,7 @@
 //! the event loop and the VM lifecycle. [`vm::Vmm`] runs one VM from a
 //! [`config::VmConfig`]; the `zvmm` binary is a thin command line over it.
 
+pub mod api;
 pub mod bus;
 pub mod config;
 pub mod console;

@@ -101,6 +101,10 @@ struct VmArgs {
     /// the option or give several values after one --disk.
     #[arg(long, value_name = "path=FILE[,readonly=on]", num_args = 1..)]
     disk: Vec<String>,
+    /// Serve the cloud-hypervisor REST API on this Unix socket (PATH or
+    /// path=PATH); without --kernel, wait for vm.create and vm.boot.
+    #[arg(long, value_name = "PATH|path=PATH")]
+    api_socket: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -190,6 +194,7 @@ fn main() -> ExitCode {
     };
     let status = match cli.command {
         Some(Command::Kernel(command)) => report(run_kernel_command(command)),
+        None if cli.vm.api_socket.is_some() => api(cli.vm),
         None => match cli.vm.into_config() {
             Ok(config) => report(boot(config)),
             Err(e) => {
@@ -199,6 +204,37 @@ fn main() -> ExitCode {
         },
     };
     ExitCode::from(status as u8)
+}
+
+/// `--api-socket`: serves the REST API; boots the command line's VM too
+/// when it names a kernel. Ends like a command-line run.
+fn api(mut vm: VmArgs) -> i32 {
+    let socket = vm.api_socket.take().unwrap_or_default();
+    let path = config::OptionParser::parse("api-socket", &["path"], &socket).and_then(|options| {
+        match options.get("path") {
+            Some(path) if !path.is_empty() => Ok(PathBuf::from(path)),
+            _ => Err(options.bad_value("path", "", "expected a socket path")),
+        }
+    });
+    let config = match vm.kernel {
+        Some(_) => vm.into_config().map(Some),
+        None => Ok(None),
+    };
+    let (path, config) = match (path, config) {
+        (Ok(path), Ok(config)) => (path, config),
+        (Err(e), _) | (_, Err(e)) => {
+            eprintln!("zvmm: {e}");
+            return EXIT_USAGE;
+        }
+    };
+    report(
+        vmm::api::run(&path, config)
+            .map(|reason| {
+                describe_stop(&reason);
+                reason.exit_status()
+            })
+            .map_err(Into::into),
+    )
 }
 
 /// Clap's message without its "error: " prefix and usage block.
