@@ -273,11 +273,13 @@ impl Vmm {
                 Ok(()) => Ok(reason),
                 Err(e) => Err(Arc::new(e)),
             };
-            session.answer_all(outcome.as_ref().map(|_| ()).map_err(Arc::clone));
+            let answer = outcome.as_ref().map(|_| ()).map_err(Arc::clone);
+            // The state reads Shutdown before the requests are answered.
             control.stopped(StopReport {
                 outcome,
                 summary: self.console_summary(),
             });
+            session.answer_all(answer);
             return session.quit;
         }
     }
