@@ -49,6 +49,40 @@ pub enum PciSetupError {
     /// Bus placement.
     #[error("PCI windows overlap other devices")]
     Bus(#[from] BusError),
+    /// One image given twice, at least once writable.
+    #[error("--disk {first} and --disk {second} are the same image; a writable disk can be attached once")]
+    SameImageTwice {
+        /// The first path given.
+        first: String,
+        /// The later path naming the same file.
+        second: String,
+    },
+}
+
+/// Refuses an image that appears twice when either use is writable (two
+/// read-only views of one image are harmless).
+fn check_distinct_images(disks: &[DiskConfig]) -> Result<(), PciSetupError> {
+    use std::os::unix::fs::MetadataExt;
+    let identity = |disk: &DiskConfig| {
+        std::fs::metadata(&disk.path)
+            .ok()
+            .map(|m| (m.dev(), m.ino(), m.rdev()))
+    };
+    for (index, later) in disks.iter().enumerate() {
+        let Some(later_id) = identity(later) else {
+            continue;
+        };
+        for earlier in &disks[..index] {
+            let conflict = !(earlier.readonly && later.readonly);
+            if conflict && identity(earlier) == Some(later_id) {
+                return Err(PciSetupError::SameImageTwice {
+                    first: earlier.path.display().to_string(),
+                    second: later.path.display().to_string(),
+                });
+            }
+        }
+    }
+    Ok(())
 }
 
 /// One queue's kick eventfd and where its notify register sits in BAR 0.
@@ -77,6 +111,7 @@ pub fn create_pci(
     pio: &mut Bus,
     mmio: &mut Bus,
 ) -> Result<PciPlatform, PciSetupError> {
+    check_distinct_images(disks)?;
     let mmio64_start = layout::pci_mmio64_start(ram_size);
     let mut allocator = BarAllocator::new(
         layout::PCI_MMIO32_START,
@@ -276,5 +311,33 @@ impl MsiRouter for KvmMsiRouter {
                 "MSI-X vector {vector} is not routed"
             ))),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn disk(path: &str, readonly: bool) -> DiskConfig {
+        DiskConfig {
+            path: path.into(),
+            readonly,
+            serial: None,
+            id: None,
+        }
+    }
+
+    #[test]
+    fn the_same_image_twice_is_refused_unless_both_read_only() {
+        let err = check_distinct_images(&[disk("/dev/null", false), disk("/dev/./null", true)])
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "--disk /dev/null and --disk /dev/./null are the same image; a writable disk can be attached once"
+        );
+        assert!(check_distinct_images(&[disk("/dev/null", true), disk("/dev/null", true)]).is_ok());
+        assert!(
+            check_distinct_images(&[disk("/dev/null", false), disk("/dev/zero", false)]).is_ok()
+        );
     }
 }
