@@ -494,7 +494,7 @@ pub fn parse_console(option: &'static str, input: &str) -> Result<ConsoleConfig,
             return Err(options.bad_value(
                 "mode",
                 other,
-                "expected off, pty, tty, stdio, null or file=PATH",
+                "expected off, pty, tty, stdio, null, file=PATH or tee=PATH",
             ))
         }
     };
