@@ -1,4 +1,5 @@
 //! End-to-end test helpers.
+pub mod api;
 pub mod assets;
 pub mod bench;
 pub mod disk;
