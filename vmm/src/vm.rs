@@ -238,8 +238,9 @@ impl Vmm {
         let watcher = self.watcher.clone();
         let on_first_entry =
             Box::new(move || lock_watcher(&watcher).mark("first guest entry (vCPU 0)"));
+        // Marked before the vCPU threads exist, so it precedes guest events.
+        lock_watcher(&self.watcher).mark("VM ready (vCPUs starting)");
         let running = machine.start(on_first_entry)?;
-        lock_watcher(&self.watcher).mark("VM ready (vCPUs started)");
         control.set_state(VmState::Running);
         control.emit(VmEvent::Booted);
         Ok(Started { running, lifecycle })
