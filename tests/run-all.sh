@@ -9,4 +9,4 @@ bash resources/fetch-debian-assets.sh
 cargo fmt --all -- --check
 (cd resources/probe && cargo fmt -- --check)
 cargo clippy --workspace --all-targets -- -D warnings
-cargo test --workspace
+cargo test --workspace --no-fail-fast
