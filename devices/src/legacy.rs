@@ -1,5 +1,6 @@
 //! Legacy PC platform devices on port I/O: the COM1 UART, the i8042
-//! controller (reset line), the CMOS/RTC, the ACPI power-management block
+//! controller (reset line), the CMOS/RTC, the ACPI power-management block,
+//! the ACPI Generic Event Device's event register (power button)
 //! and a sink for ports nobody answers (POST codes). This module owns the
 //! byte-wide register access rule they all share.
 //!
@@ -10,12 +11,14 @@
 
 pub mod acpi_pm;
 pub mod cmos;
+pub mod ged;
 pub mod i8042;
 pub mod ignored;
 pub mod serial;
 
 pub use acpi_pm::AcpiPm;
 pub use cmos::{Cmos, SystemClock, WallClock};
+pub use ged::Ged;
 pub use i8042::I8042;
 pub use ignored::Ignored;
 pub use serial::{ObservedWriter, Serial, SerialError};

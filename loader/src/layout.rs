@@ -235,6 +235,16 @@ pub const IOAPIC_NUM_PINS: u32 = 24;
 /// IRQ0 -> GSI 2 interrupt source override.
 pub const PIT_GSI: u32 = 0;
 
+/// ACPI Generic Event Device (`ACPI0013`) event register: one byte at this
+/// port, bit 0 = power button pressed; reading returns and clears the
+/// pending bits.
+pub const GED_EVENT_PORT: u16 = 0x610;
+/// Number of ports of the GED event register.
+pub const GED_EVENT_LEN: u16 = 1;
+/// IOAPIC input (GSI) of the GED interrupt, edge-triggered, active high:
+/// ISA line 5, which no other device here uses.
+pub const GED_GSI: u32 = 5;
+
 #[cfg(test)]
 mod tests {
     use super::*;

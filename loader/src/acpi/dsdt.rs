@@ -186,6 +186,9 @@ fn device_aml(ids: &mut DeviceIds, device: &PlatformDevice) -> Result<Vec<u8>, A
         PlatformDevice::Rtc { port, irq } => isa_device(ids, &RTC, port, RTC_PORTS, irq),
         PlatformDevice::PowerManagement { base, len } => pm_block(ids, base, len),
         PlatformDevice::PciHostBridge(ref bridge) => pci::host_bridge(ids, bridge),
+        PlatformDevice::PowerButton { event_port, gsi } => {
+            super::ged::power_button(event_port, gsi)
+        }
     }
 }
 

@@ -1,7 +1,8 @@
 //! ACPI tables for the guest: this module owns the RSDP, XSDT and their
 //! placement in `[layout::ACPI_START, layout::ACPI_END)`; the submodules build
 //! the FADT ([`fadt`]), MADT ([`madt`]), DSDT ([`dsdt`]) and, for PCI host
-//! bridges, the MCFG and the bridges' DSDT devices ([`pci`]).
+//! bridges, the MCFG and the bridges' DSDT devices ([`pci`]); the power
+//! button's Generic Event Device ([`ged`]).
 //!
 //! The platform is hardware-reduced ACPI (no PM1 blocks, no SCI, no FACS):
 //! power-off and reset go through the FADT sleep control/status and reset
@@ -9,6 +10,7 @@
 
 mod dsdt;
 mod fadt;
+mod ged;
 mod madt;
 mod pci;
 
@@ -56,6 +58,15 @@ pub enum PlatformDevice {
     /// A PCI Express host bridge: an MCFG entry, a `PNP0A08` device (`_CID`
     /// `PNP0A03`) named `PCIn` and a `PNP0C02` device reserving its ECAM.
     PciHostBridge(PciHostBridge),
+    /// A hardware-reduced ACPI power button: a Generic Event Device
+    /// (`GED0`, `ACPI0013`) whose `_EVT` reads the event register and
+    /// notifies the `PNP0C0C` device `PWRB` when bit 0 is set.
+    PowerButton {
+        /// I/O port of the one-byte event register (read-to-clear).
+        event_port: u16,
+        /// GSI (IOAPIC input) of the GED interrupt, edge-triggered.
+        gsi: u32,
+    },
 }
 
 /// A range of guest-physical addresses or I/O ports.
@@ -580,6 +591,53 @@ mod tests {
         // The disassembled DSDT must compile back without errors.
         let log = iasl(&dir, &["-p", "recompiled", "dsdt.dsl"]);
         assert!(log.contains("0 Errors"), "{log}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// The power button's GED disassembles as intended, compiles back, and
+    /// ACPICA runs its `_EVT` (reading the event register).
+    #[test]
+    fn power_button_ged_disassembles_and_its_evt_runs() {
+        let dir = scratch_dir("ged");
+        let mut platform = platform_with_pci(1);
+        platform.devices.push(PlatformDevice::PowerButton {
+            event_port: layout::GED_EVENT_PORT,
+            gsi: layout::GED_GSI,
+        });
+        let names: Vec<String> = dump_tables(&dir, &platform)
+            .into_iter()
+            .filter(|(name, _)| name != "xsdt")
+            .map(|(name, _)| format!("{name}.dat"))
+            .collect();
+        let log = iasl(&dir, &["-d", "dsdt.dat"]);
+        assert!(!log.contains("Error"), "{log}");
+        let dsl = std::fs::read_to_string(dir.join("dsdt.dsl")).unwrap();
+        let expected = [
+            "Device (GED0)".to_string(),
+            "Name (_HID, \"ACPI0013\"".to_string(),
+            format!("Interrupt (ResourceConsumer, Edge, ActiveHigh, Exclusive, ,, )\n                {{\n                    0x{:08X},", layout::GED_GSI),
+            format!("OperationRegion (GDST, SystemIO, 0x{:04X}, One)", layout::GED_EVENT_PORT),
+            "Method (_EVT, 1, Serialized)".to_string(),
+            "Notify (\\_SB.PWRB, 0x80)".to_string(),
+            "Device (PWRB)".to_string(),
+            "EisaId (\"PNP0C0C\")".to_string(),
+        ];
+        for expected in &expected {
+            assert!(
+                dsl.contains(expected.as_str()),
+                "{expected} missing from:\n{dsl}"
+            );
+        }
+        let log = iasl(&dir, &["-p", "recompiled", "dsdt.dsl"]);
+        assert!(log.contains("0 Errors"), "{log}");
+        let mut args = vec!["-b", "execute \\_SB.GED0._EVT 5"];
+        args.extend(names.iter().map(String::as_str));
+        let log = acpica("acpiexec", &dir, &args);
+        assert!(
+            log.contains("No object was returned from evaluation of \\_SB.GED0._EVT"),
+            "{log}"
+        );
+        assert!(!log.contains("AE_"), "{log}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
