@@ -1,5 +1,6 @@
 //! The channel between a [`crate::handle::VmHandle`] and its VMM thread:
-//! requests (boot, pause, resume, shutdown, reboot, counters, quit) queued
+//! requests (boot, pause, resume, power button, shutdown, reboot, counters,
+//! quit) queued
 //! with a reply channel and an eventfd that wakes the event loop, the VM's
 //! state and configuration as everyone may read them, the subscribers of
 //! [`VmEvent`]s, and the record of the last stop.
@@ -78,6 +79,8 @@ pub enum Command {
     Reboot,
     /// Read the device counters.
     Counters,
+    /// Press the ACPI power button.
+    PowerButton,
     /// Stop the VM if it runs and end the VMM thread.
     Quit,
 }
@@ -92,6 +95,7 @@ impl Command {
             Command::Shutdown => "shut down",
             Command::Reboot => "reboot",
             Command::Counters => "read counters",
+            Command::PowerButton => "press the power button",
             Command::Quit => "quit",
         }
     }

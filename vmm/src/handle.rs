@@ -1,6 +1,6 @@
 //! The library API: [`Vm::create`] checks a [`VmConfig`], opens KVM and
 //! the console, and starts the VMM thread; the returned [`VmHandle`]
-//! boots, pauses, resumes, reboots and stops the VM, reports its state,
+//! boots, pauses, resumes, reboots, presses the power button of and stops the VM, reports its state,
 //! configuration and counters, and hands out channels of [`VmEvent`]s.
 //! The `zvmm` command and the REST API are both users of it.
 //!
@@ -132,6 +132,14 @@ impl VmHandle {
     /// Lets the vCPUs run again (the VM must be `Paused`).
     pub fn resume(&self) -> Result<(), ControlError> {
         self.act(Command::Resume)
+    }
+
+    /// Presses the ACPI power button (the VM must be `Running`): the guest
+    /// gets a GED interrupt and its `_EVT` notifies the `PNP0C0C` button;
+    /// a guest that handles it powers off (then [`VmHandle::wait`] reports
+    /// [`StopReason::PowerOff`](crate::lifecycle::StopReason::PowerOff)).
+    pub fn power_button(&self) -> Result<(), ControlError> {
+        self.act(Command::PowerButton)
     }
 
     /// Stops the VM at once without asking the guest (hard stop); it can

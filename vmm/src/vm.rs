@@ -10,12 +10,16 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use devices::legacy::Ged;
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
+use loader::acpi::PlatformDevice;
 use loader::boot::BootSetup;
 use loader::kernel::{BootProtocol, LoadedKernel};
+use loader::layout;
 use vm_memory::GuestAddress;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::timerfd::TimerFd;
 
 use crate::bus::Bus;
@@ -29,7 +33,7 @@ use crate::interrupts::InterruptRouting;
 use crate::lifecycle::{Lifecycle, StopReason};
 use crate::memory::{create_guest_ram, register_guest_ram, GuestRam};
 use crate::pci::create_pci;
-use crate::platform::{create_interrupt_controllers, create_platform};
+use crate::platform::{create_interrupt_controllers, create_platform, Platform};
 use crate::regs::{self, EntryMode};
 use crate::signals;
 use crate::vcpu::{install_kick_handler, PauseGate, Vcpu, VcpuHandle};
@@ -376,6 +380,9 @@ fn apply_request(request: Request, started: &Started, control: &Control, session
             Ok(Reply::Done)
         }
         (Command::Counters, _) => Ok(Reply::Counters(started.running.counters())),
+        (Command::PowerButton, VmState::Running) => {
+            started.running.power_button().map(|()| Reply::Done)
+        }
         (command @ (Command::Shutdown | Command::Reboot | Command::Quit), _) => {
             session.reboot |= command == Command::Reboot;
             session.quit |= command == Command::Quit;
@@ -425,6 +432,30 @@ struct Machine {
     lifecycle: Arc<Lifecycle>,
     pci_root: Arc<Mutex<devices::pci::PciRoot>>,
     disk_names: Vec<String>,
+    power_button: Arc<Mutex<Ged>>,
+}
+
+/// The ACPI power button: the GED event register on the port bus, its
+/// interrupt as an irqfd on [`layout::GED_GSI`], and the DSDT devices.
+fn add_power_button(vm: &VmFd, platform: &mut Platform) -> Result<Arc<Mutex<Ged>>, VmError> {
+    let interrupt = EventFd::new(EFD_NONBLOCK).map_err(host_error("the power-button eventfd"))?;
+    vm.register_irqfd(&interrupt, layout::GED_GSI)
+        .map_err(kvm_error("connect the power-button interrupt"))?;
+    let ged = Arc::new(Mutex::new(Ged::new(interrupt)));
+    let shared: crate::bus::SharedDevice = ged.clone();
+    platform
+        .pio
+        .insert(
+            shared,
+            u64::from(layout::GED_EVENT_PORT),
+            u64::from(layout::GED_EVENT_LEN),
+        )
+        .map_err(crate::platform::PlatformError::Bus)?;
+    platform.acpi.devices.push(PlatformDevice::PowerButton {
+        event_port: layout::GED_EVENT_PORT,
+        gsi: layout::GED_GSI,
+    });
+    Ok(ged)
 }
 
 impl Machine {
@@ -442,6 +473,7 @@ impl Machine {
         register_guest_ram(&vm, &ram)?;
         let cpus = config.cpus.boot_vcpus;
         let mut platform = create_platform(&vm, cpus, ram_size, output, lifecycle)?;
+        let power_button = add_power_button(&vm, &mut platform)?;
         let mut mmio = Bus::new();
         let pci = create_pci(
             &vm,
@@ -480,6 +512,7 @@ impl Machine {
             lifecycle: lifecycle.clone(),
             pci_root: pci.root,
             disk_names,
+            power_button,
         })
     }
 
@@ -498,6 +531,7 @@ impl Machine {
             mmio: self.mmio.clone(),
             pci_root: self.pci_root,
             disk_names: self.disk_names,
+            power_button: self.power_button,
         };
         for (index, fd) in self.vcpus.into_iter().enumerate() {
             let vcpu = Vcpu {
@@ -590,6 +624,7 @@ struct RunningMachine {
     mmio: Arc<Bus>,
     pci_root: Arc<Mutex<devices::pci::PciRoot>>,
     disk_names: Vec<String>,
+    power_button: Arc<Mutex<Ged>>,
     _ram: GuestRam,
     _vm: Arc<VmFd>,
 }
@@ -620,6 +655,13 @@ impl RunningMachine {
     /// Lets the parked vCPU threads run again.
     fn resume(&self) {
         self.pause.open();
+    }
+
+    /// Presses the ACPI power button (GED event and interrupt).
+    fn power_button(&self) -> Result<(), ControlError> {
+        let mut ged = self.power_button.lock().unwrap_or_else(|p| p.into_inner());
+        ged.power_button()
+            .map_err(|source| ControlError::from(host_error("the power-button interrupt")(source)))
     }
 
     /// Unclaimed bus accesses and each disk's counters.

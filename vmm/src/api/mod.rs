@@ -196,6 +196,10 @@ impl Backend for ApiVmm {
         self.with_vm(VmHandle::resume)
     }
 
+    fn power_button(&self) -> Result<(), BackendError> {
+        self.with_vm(VmHandle::power_button)
+    }
+
     fn shutdown(&self) -> Result<(), BackendError> {
         self.with_vm(VmHandle::shutdown)
     }

@@ -39,6 +39,8 @@ pub trait Backend {
     fn pause(&self) -> Result<(), BackendError>;
     /// `vm.resume`.
     fn resume(&self) -> Result<(), BackendError>;
+    /// `vm.power-button`.
+    fn power_button(&self) -> Result<(), BackendError>;
     /// `vm.shutdown`: hard stop, the VM stays created.
     fn shutdown(&self) -> Result<(), BackendError>;
     /// `vm.reboot`.
@@ -170,7 +172,7 @@ fn endpoint_method(endpoint: &str) -> Option<Method> {
     match endpoint {
         "vmm.ping" | "vm.info" | "vm.counters" => Some(Method::Get),
         "vmm.shutdown" | "vm.create" | "vm.delete" | "vm.boot" | "vm.pause" | "vm.resume"
-        | "vm.shutdown" | "vm.reboot" => Some(Method::Put),
+        | "vm.power-button" | "vm.shutdown" | "vm.reboot" => Some(Method::Put),
         _ => None,
     }
 }
@@ -191,6 +193,7 @@ fn act(backend: &dyn Backend, action: &str) -> Answer {
         "vm.boot" => backend.boot(),
         "vm.pause" => backend.pause(),
         "vm.resume" => backend.resume(),
+        "vm.power-button" => backend.power_button(),
         "vm.shutdown" => backend.shutdown(),
         "vm.reboot" => backend.reboot(),
         other => return Answer::error(404, format!("unknown endpoint {API_PREFIX}{other}")),
@@ -268,6 +271,13 @@ mod tests {
         fn resume(&self) -> Result<(), BackendError> {
             self.step("resume", &[VmState::Paused], VmState::Running)
         }
+        fn power_button(&self) -> Result<(), BackendError> {
+            self.step(
+                "press the power button",
+                &[VmState::Running],
+                VmState::Running,
+            )
+        }
         fn shutdown(&self) -> Result<(), BackendError> {
             use VmState::*;
             self.step("shutdown", &[Running, Paused], Shutdown)
@@ -340,6 +350,7 @@ mod tests {
             ("vm.boot", "Running"),
             ("vm.pause", "Paused"),
             ("vm.resume", "Running"),
+            ("vm.power-button", "Running"),
             ("vm.reboot", "Running"),
             ("vm.shutdown", "Shutdown"),
             ("vm.boot", "Running"),
