@@ -10,11 +10,12 @@
 //! | `hang` | `cli; hlt` forever |
 //! | `echo=N` | reads N bytes from COM1, reports them, powers off |
 //! | `bad-exec` | jumps to [`BAD_EXEC_ADDR`], where nothing is mapped |
+//! | `power-button` | waits for the ACPI power button ([`pwrbtn`]), powers off |
 
 use crate::acpi::Acpi;
 use crate::boot::BootInfo;
 use crate::serial::{self, Quoted};
-use crate::{io, power, report};
+use crate::{io, power, pwrbtn, report};
 
 /// Command-line key that selects an action.
 const KEY: &[u8] = b"probe.action=";
@@ -41,6 +42,8 @@ pub enum Action {
     Echo(usize),
     /// Execute from an address without memory behind it.
     BadExec,
+    /// Wait for the ACPI power button, then power off.
+    PowerButton,
     /// An action the probe does not know (reported, then power-off).
     Unknown(&'static [u8]),
 }
@@ -62,6 +65,7 @@ impl Action {
             b"triple-fault" => Action::TripleFault,
             b"hang" => Action::Hang,
             b"bad-exec" => Action::BadExec,
+            b"power-button" => Action::PowerButton,
             _ => match name.strip_prefix(b"echo=").and_then(parse_decimal) {
                 Some(len) if len <= ECHO_MAX => Action::Echo(len),
                 _ => Action::Unknown(name),
@@ -81,7 +85,7 @@ fn parse_decimal(digits: &[u8]) -> Option<usize> {
 }
 
 /// Runs `action`; every path ends the probe (power-off, reset or halt).
-pub fn run(action: Action, acpi: &Acpi) -> ! {
+pub fn run(action: Action, boot: &BootInfo, acpi: &Acpi) -> ! {
     match action {
         Action::PowerOff => power::power_off(acpi),
         Action::Unknown(name) => {
@@ -108,6 +112,10 @@ pub fn run(action: Action, acpi: &Acpi) -> ! {
             report!("action name=echo len={len}");
             echo(len);
             power::power_off(acpi)
+        }
+        Action::PowerButton => {
+            report!("action name=power-button");
+            pwrbtn::run(boot, acpi)
         }
         Action::BadExec => {
             report!("action name=bad-exec addr={BAD_EXEC_ADDR:#x}");

@@ -17,6 +17,7 @@ pub mod io;
 pub mod pci;
 pub mod phys;
 pub mod power;
+pub mod pwrbtn;
 pub mod relaunch;
 pub mod serial;
 pub mod smp;
@@ -58,7 +59,7 @@ extern "C" fn probe_main(protocol: u32, info_addr: u64) -> ! {
     blk::run(&boot, &acpi);
     report_unclaimed_port();
     report!("done");
-    action::run(Action::requested(&boot), &acpi)
+    action::run(Action::requested(&boot), &boot, &acpi)
 }
 
 /// COM2's base port: no device in a minimal VMM, so the read shows what
