@@ -187,6 +187,10 @@ pub struct VmConfig {
     /// Console patterns and the boot timeline.
     #[serde(default)]
     pub watch: WatchConfig,
+    /// On SIGTERM, press the ACPI power button and stop the VM hard only
+    /// after this many seconds (None: stop at once).
+    #[serde(default)]
+    pub shutdown_grace_secs: Option<u64>,
     /// virtio-blk disks (cloud-hypervisor's `disks`).
     #[serde(default)]
     pub disks: Vec<DiskConfig>,
@@ -236,6 +240,7 @@ impl Default for VmConfig {
             on_reset: OnReset::Reboot,
             timeout_secs: None,
             watch: WatchConfig::default(),
+            shutdown_grace_secs: None,
             disks: Vec::new(),
         }
     }

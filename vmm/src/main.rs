@@ -26,7 +26,8 @@ Exit status:
   5    a --fail-on pattern matched a console line (the line is printed)
   6    the guest powered off before every --expect pattern matched
   124  --timeout expired (unmatched --expect patterns are listed)
-  130, 143  ended by SIGINT (or Ctrl-A x on the console) / SIGTERM
+  130, 143  ended by SIGINT (or Ctrl-A x on the console) / SIGTERM (with
+       --shutdown-grace, a guest that powers off in time exits 0)
 
 Console: with --serial tty (the default) the terminal is put in raw mode and
 every key goes to the guest; press Ctrl-A then x to quit.
@@ -88,6 +89,11 @@ struct VmArgs {
     /// Stop the VM after SECS seconds with status 124.
     #[arg(long, value_name = "SECS")]
     timeout: Option<u64>,
+    /// On SIGTERM, press the ACPI power button and stop the VM hard only if
+    /// it has not powered off after SECS seconds (a second signal stops it
+    /// at once). Without this option SIGTERM stops the VM at once.
+    #[arg(long, value_name = "SECS")]
+    shutdown_grace: Option<u64>,
     /// Exit 0 once console lines have matched every REGEX, in order.
     #[arg(long, value_name = "REGEX")]
     expect: Vec<String>,
@@ -159,6 +165,7 @@ impl VmArgs {
                 OnReset::Reboot
             },
             timeout_secs: self.timeout,
+            shutdown_grace_secs: self.shutdown_grace,
             watch: WatchConfig {
                 expect: self.expect,
                 fail_on: self.fail_on,

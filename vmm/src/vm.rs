@@ -307,7 +307,16 @@ impl Vmm {
                 .try_clone()
                 .map_err(host_error("the request eventfd"))?,
         }));
-        events.add_subscriber(Box::new(signals::SignalWatcher::new(lifecycle.clone())));
+        let mut signal_watcher = signals::SignalWatcher::new(lifecycle.clone());
+        if let Some(secs) = self.config.shutdown_grace_secs {
+            let button = running.power_button.clone();
+            let press: signals::PowerButton = Box::new(move || {
+                let mut ged = button.lock().unwrap_or_else(|p| p.into_inner());
+                ged.power_button().is_ok()
+            });
+            signal_watcher = signal_watcher.with_grace(Duration::from_secs(secs), press);
+        }
+        events.add_subscriber(Box::new(signal_watcher));
         if let Some(deadline) = self.deadline {
             let timer = DeadlineTimer::new(deadline, lifecycle.clone())
                 .map_err(host_error("the timeout timer"))?;
