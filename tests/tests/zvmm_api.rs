@@ -1,112 +1,21 @@
 //! The REST API end to end, as a host agent uses it: zvmm started with only
 //! `--api-socket`, driven through the Unix socket with plain HTTP/1.1
-//! (a small client below): ping, create the probe guest, boot, info,
+//! (`zvmm_tests::api`'s small client): ping, create the probe guest, boot, info,
 //! pause, resume, counters, shutdown, `vmm.shutdown` ending the process;
 //! bad requests answered with 4xx; a stale socket replaced and any other
 //! file refused.
 
-use std::io::{Read, Write};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use zvmm_tests::api::{get, put, request, start_api};
 use zvmm_tests::probe::{probe_elf, Flavour};
-use zvmm_tests::zvmm::{run_zvmm, scratch_dir, spawn_zvmm, Running};
+use zvmm_tests::zvmm::{run_zvmm, scratch_dir};
 
 /// How long zvmm gets to exit after being told to.
 const EXIT_LIMIT: Duration = Duration::from_secs(5);
-
-/// One HTTP answer.
-#[derive(Debug)]
-struct Answer {
-    status: u16,
-    body: String,
-}
-
-impl Answer {
-    fn json(&self) -> serde_json::Value {
-        assert_eq!(self.status, 200, "{self:?}");
-        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("{e}: {self:?}"))
-    }
-}
-
-/// Sends one request on a new connection and reads the whole answer.
-fn request(socket: &Path, method: &str, endpoint: &str, body: &str) -> Answer {
-    let mut stream = UnixStream::connect(socket)
-        .unwrap_or_else(|e| panic!("cannot connect to {}: {e}", socket.display()));
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    let head = format!(
-        "{method} /api/v1/{endpoint} HTTP/1.1\r\nHost: localhost\r\nAccept: */*\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    stream.write_all(head.as_bytes()).unwrap();
-    stream.write_all(body.as_bytes()).unwrap();
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).unwrap();
-    parse_answer(&String::from_utf8_lossy(&raw))
-}
-
-fn parse_answer(raw: &str) -> Answer {
-    let (head, body) = raw
-        .split_once("\r\n\r\n")
-        .unwrap_or_else(|| panic!("no header end in {raw:?}"));
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|code| code.parse().ok())
-        .unwrap_or_else(|| panic!("bad status line in {raw:?}"));
-    let chunked = head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked");
-    let body = if chunked {
-        dechunk(body)
-    } else {
-        body.to_string()
-    };
-    Answer { status, body }
-}
-
-fn dechunk(mut body: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, rest)) = body.split_once("\r\n") {
-        let size = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
-        if size == 0 {
-            break;
-        }
-        out.push_str(&rest[..size]);
-        body = rest[size..].trim_start_matches("\r\n");
-    }
-    out
-}
-
-fn get(socket: &Path, endpoint: &str) -> Answer {
-    request(socket, "GET", endpoint, "")
-}
-
-fn put(socket: &Path, endpoint: &str, body: &str) -> Answer {
-    request(socket, "PUT", endpoint, body)
-}
-
-/// zvmm serving the API on `socket`, once it answers.
-fn start_api(socket: &Path) -> Running {
-    let mut zvmm = spawn_zvmm([
-        "--api-socket".to_string(),
-        format!("path={}", socket.display()),
-    ]);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while UnixStream::connect(socket).is_err() {
-        if let Some(status) = zvmm.try_status() {
-            panic!("zvmm exited with {status}: {}", zvmm.stderr.text());
-        }
-        assert!(Instant::now() < deadline, "the API socket never answered");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    zvmm
-}
 
 /// A VM configuration for the probe with `action`, in cloud-hypervisor's
 /// JSON shape.
@@ -139,7 +48,7 @@ fn socket_path(dir: &Path) -> PathBuf {
 fn host_agent_drives_a_vm_over_the_socket_only() {
     let dir = scratch_dir("api-agent");
     let socket = socket_path(&dir);
-    let zvmm = start_api(&socket);
+    let zvmm = start_api(&socket, &[]);
     let meta = std::fs::symlink_metadata(&socket).unwrap();
     assert_eq!(meta.permissions().mode() & 0o777, 0o600);
 
@@ -198,7 +107,7 @@ fn host_agent_drives_a_vm_over_the_socket_only() {
 fn bad_requests_get_4xx_and_wrong_states_500() {
     let dir = scratch_dir("api-bad");
     let socket = socket_path(&dir);
-    let zvmm = start_api(&socket);
+    let zvmm = start_api(&socket, &[]);
     let not_created = put(&socket, "vm.pause", "");
     assert_eq!(not_created.status, 500, "{not_created:?}");
     assert!(not_created.body.contains("vm.create"), "{not_created:?}");
@@ -226,7 +135,7 @@ fn bad_requests_get_4xx_and_wrong_states_500() {
 fn guest_poweroff_ends_the_process_with_status_0() {
     let dir = scratch_dir("api-poweroff");
     let socket = socket_path(&dir);
-    let zvmm = start_api(&socket);
+    let zvmm = start_api(&socket, &[]);
     let config = probe_config("none").replace("probe.action=none", "");
     assert_eq!(put(&socket, "vm.create", &config).status, 204);
     assert_eq!(put(&socket, "vm.boot", "").status, 204);
@@ -244,7 +153,7 @@ fn stale_socket_is_replaced_and_other_files_refused() {
         .unwrap()
         .file_type()
         .is_socket());
-    let zvmm = start_api(&socket);
+    let zvmm = start_api(&socket, &[]);
     assert_eq!(get(&socket, "vmm.ping").status, 200);
     let second = run_zvmm(
         ["--api-socket".to_string(), socket.display().to_string()],

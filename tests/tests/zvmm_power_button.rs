@@ -8,7 +8,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use loader::layout::{GED_EVENT_PORT, GED_GSI};
-use zvmm_tests::api::{put, start_api, ProbeVm};
+use zvmm_tests::api::{get, put, start_api, ProbeVm};
 use zvmm_tests::zvmm::scratch_dir;
 
 const LIMIT: Duration = Duration::from_secs(15);
@@ -26,7 +26,7 @@ fn wait_for(file: &Path, needle: &str) -> String {
 }
 
 #[test]
-fn power_button_over_the_api_powers_the_probe_off() {
+fn host_agent_sequence_ends_with_the_power_button_powering_the_probe_off() {
     let dir = scratch_dir("power-button");
     let socket = dir.join("api.sock");
     let serial = dir.join("serial.log");
@@ -43,6 +43,18 @@ fn power_button_over_the_api_powers_the_probe_off() {
     assert_eq!(early.status, 500, "not booted yet: {early:?}");
     assert_eq!(put(&socket, "vm.boot", "").status, 204);
     wait_for(&serial, "probe: power-button waiting");
+    // The whole host-agent sequence: info, pause, resume, then the button.
+    let info = get(&socket, "vm.info").json();
+    assert_eq!(info["state"], "Running", "{info}");
+    let timeline: Vec<&str> = info["boot_timeline"]
+        .as_array()
+        .map(|events| events.iter().filter_map(|e| e["event"].as_str()).collect())
+        .unwrap_or_default();
+    assert!(timeline.contains(&"first serial byte"), "{info}");
+    assert_eq!(put(&socket, "vm.pause", "").status, 204);
+    assert_eq!(get(&socket, "vm.info").json()["state"], "Paused");
+    assert_eq!(put(&socket, "vm.resume", "").status, 204);
+    assert_eq!(get(&socket, "vm.info").json()["state"], "Running");
     let pressed = put(&socket, "vm.power-button", "");
     assert_eq!(pressed.status, 204, "{pressed:?}");
     let done = zvmm.finish(LIMIT);

@@ -49,7 +49,7 @@
 //! and the console watcher keep running.
 
 use std::sync::mpsc::Receiver;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use serde::Serialize;
@@ -59,6 +59,7 @@ use crate::control::{
     Command, Control, ControlError, Counters, Reply, StopReport, VmEvent, VmState,
 };
 use crate::vm::{VmError, Vmm};
+use crate::watch::{ConsoleWatcher, TimelineEntry};
 
 /// Creates VMs.
 pub struct Vm;
@@ -69,6 +70,7 @@ impl Vm {
     /// The VM is [`VmState::Created`] until [`VmHandle::boot`].
     pub fn create(config: VmConfig) -> Result<VmHandle, VmError> {
         let vmm = Vmm::new(config)?;
+        let watcher = vmm.watcher();
         let mut reported = vmm.config().clone();
         if reported.cpus.max_vcpus == 0 {
             reported.cpus.max_vcpus = reported.cpus.boot_vcpus;
@@ -91,6 +93,7 @@ impl Vm {
             })?;
         Ok(VmHandle {
             control,
+            watcher,
             thread: Some(thread),
         })
     }
@@ -105,11 +108,15 @@ pub struct VmInfo {
     pub state: VmState,
     /// Guest RAM in bytes (cloud-hypervisor's `memory_actual_size`).
     pub memory_actual_size: u64,
+    /// The boot timeline so far (zvmm's addition: process start, VM ready,
+    /// first guest entry, first serial byte, `--expect` matches).
+    pub boot_timeline: Vec<TimelineEntry>,
 }
 
 /// A created VM. Dropping it stops the VM and ends its VMM thread.
 pub struct VmHandle {
     control: Arc<Control>,
+    watcher: Arc<Mutex<ConsoleWatcher>>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -156,10 +163,17 @@ impl VmHandle {
     /// The state and configuration.
     pub fn info(&self) -> VmInfo {
         let config = self.control.config();
+        let boot_timeline = self
+            .watcher
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .timeline()
+            .entries();
         VmInfo {
             memory_actual_size: config.memory.size,
             config,
             state: self.control.state(),
+            boot_timeline,
         }
     }
 

@@ -193,6 +193,11 @@ impl Vmm {
         }
     }
 
+    /// The console watcher, whose timeline `vm.info` reports.
+    pub fn watcher(&self) -> Arc<Mutex<ConsoleWatcher>> {
+        self.watcher.clone()
+    }
+
     /// The configuration in force (with the pty path filled in).
     pub fn config(&self) -> &VmConfig {
         &self.config

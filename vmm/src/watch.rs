@@ -67,6 +67,15 @@ pub fn compile(option: &'static str, patterns: &[String]) -> Result<Vec<Regex>, 
 /// Longest partial line kept for matching; longer lines are cut.
 const MAX_LINE: usize = 4096;
 
+/// One moment of the boot timeline, as `vm.info` reports it.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct TimelineEntry {
+    /// What happened ("first serial byte", ...).
+    pub event: String,
+    /// Milliseconds since the process started.
+    pub ms: f64,
+}
+
 /// Named moments of one zvmm run, relative to process start.
 #[derive(Clone, Debug, Default)]
 pub struct Timeline {
@@ -84,6 +93,17 @@ impl Timeline {
     /// The recorded moments in order.
     pub fn events(&self) -> &[(String, Duration)] {
         &self.events
+    }
+
+    /// The moments as `vm.info` reports them.
+    pub fn entries(&self) -> Vec<TimelineEntry> {
+        self.events
+            .iter()
+            .map(|(event, at)| TimelineEntry {
+                event: event.clone(),
+                ms: at.as_secs_f64() * 1000.0,
+            })
+            .collect()
     }
 
     /// The timeline as printed by `--boot-timer`.
@@ -306,6 +326,9 @@ mod tests {
         assert_eq!(names, vec!["process start", "first serial byte"]);
         assert!(watcher.saw_output());
         assert!(watcher.timeline().render().contains("first serial byte"));
+        let entries = watcher.timeline().entries();
+        assert_eq!(entries[1].event, "first serial byte");
+        assert!(entries[1].ms >= entries[0].ms);
     }
 
     #[test]

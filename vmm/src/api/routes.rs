@@ -295,6 +295,7 @@ mod tests {
                 memory_actual_size: config.memory.size,
                 config: config.clone(),
                 state: *state,
+                boot_timeline: Vec::new(),
             })
         }
         fn counters(&self) -> Result<Counters, BackendError> {
