@@ -36,7 +36,7 @@ use std::sync::mpsc::{channel, Receiver};
 use std::time::{Duration, Instant};
 
 use zvmm_tests::api::{cpu_time, try_request};
-use zvmm_tests::bench::{markdown_table, runs_from_env, Summary};
+use zvmm_tests::bench::{bench_main, markdown_table, runs_from_env, Summary};
 use zvmm_tests::probe::{probe_elf, Flavour};
 use zvmm_tests::qemu::QEMU;
 use zvmm_tests::zvmm::{scratch_dir, zvmm_bin};
@@ -312,14 +312,7 @@ fn qemu_run(dir: &Path, run: usize) -> Result<Sample, ApiBenchError> {
 }
 
 fn main() {
-    if !std::env::args().any(|arg| arg == "--bench") {
-        println!("api bench: not run here; use `cargo bench -p zvmm-tests --bench api`");
-        return;
-    }
-    if let Err(err) = run() {
-        eprintln!("api bench failed: {}", error_chain(&err));
-        std::process::exit(1);
-    }
+    bench_main("api", run);
 }
 
 fn run() -> Result<(), ApiBenchError> {
@@ -397,14 +390,4 @@ fn print_results(runs: usize, zvmm: &[Sample], qemu: &[Sample], qemu_version: &s
          the vCPUs); zvmm builds the machine on vm.boot. Firecracker's figures are \
          its specification's (I3.metal), not measured here."
     );
-}
-
-fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut msg = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        msg.push_str(&format!(": {cause}"));
-        source = cause.source();
-    }
-    msg
 }

@@ -32,7 +32,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use zvmm_tests::bench::{
-    markdown_table, measure, runs_from_env, BenchError, Ending, Summary, RUNS_VAR,
+    bench_main, markdown_table, measure, runs_from_env, BenchError, Ending, Summary, RUNS_VAR,
 };
 use zvmm_tests::disk::make_image;
 use zvmm_tests::probe::{probe_elf, test_bytes, Fields, Flavour, ProbeReport};
@@ -141,14 +141,7 @@ const FIGURES: [Figure; 3] = [
 ];
 
 fn main() {
-    if !std::env::args().any(|arg| arg == "--bench") {
-        println!("blk bench: not run here; use `cargo bench -p zvmm-tests --bench blk`");
-        return;
-    }
-    if let Err(err) = run() {
-        eprintln!("blk bench failed: {}", error_chain(&err));
-        std::process::exit(1);
-    }
+    bench_main("blk", run);
 }
 
 fn run() -> Result<(), BenchError> {
@@ -360,14 +353,4 @@ fn ratios(cases: &[Case]) -> Vec<f64> {
 fn tail(text: &str) -> String {
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(20)..].join("\n")
-}
-
-fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut msg = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        msg.push_str(&format!(": {cause}"));
-        source = cause.source();
-    }
-    msg
 }

@@ -28,7 +28,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use zvmm_tests::bench::{
-    check_probe_run, markdown_table, measure, runs_from_env, BenchError, Measured, Summary,
+    bench_main, check_probe_run, markdown_table, measure, runs_from_env, BenchError, Measured,
+    Summary,
 };
 use zvmm_tests::probe::{probe_elf, Flavour};
 use zvmm_tests::qemu::QEMU;
@@ -148,14 +149,7 @@ const EMPTY: Summary = Summary {
 };
 
 fn main() {
-    if !std::env::args().any(|arg| arg == "--bench") {
-        println!("boot bench: not run here; use `cargo bench -p zvmm-tests --bench boot`");
-        return;
-    }
-    if let Err(err) = run() {
-        eprintln!("boot bench failed: {}", error_chain(&err));
-        std::process::exit(1);
-    }
+    bench_main("boot", run);
 }
 
 fn run() -> Result<(), BenchError> {
@@ -323,14 +317,4 @@ fn targets_line(cases: &[Case]) -> String {
         }
     }
     format!("Targets (informational): {}.", parts.join("; "))
-}
-
-fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut msg = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        msg.push_str(&format!(": {cause}"));
-        source = cause.source();
-    }
-    msg
 }

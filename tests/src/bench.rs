@@ -340,6 +340,19 @@ pub fn markdown_table(header: &[&str], rows: &[Vec<String>]) -> String {
     table
 }
 
+/// The `main` of a benchmark harness: runs `run` only under `cargo bench`
+/// (which passes `--bench`); on failure prints the error chain and exits 1.
+pub fn bench_main<E: std::error::Error>(name: &str, run: impl FnOnce() -> Result<(), E>) {
+    if !std::env::args().any(|arg| arg == "--bench") {
+        println!("{name} bench: not run here; use `cargo bench -p zvmm-tests --bench {name}`");
+        return;
+    }
+    if let Err(err) = run() {
+        eprintln!("{name} bench failed: {}", crate::probe::error_chain(&err));
+        std::process::exit(1);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -150,7 +150,8 @@ fn check_target_installed() -> Result<(), ProbeError> {
     }
 }
 
-fn error_chain(err: &dyn std::error::Error) -> String {
+/// An error and its causes on one line.
+pub fn error_chain(err: &dyn std::error::Error) -> String {
     let mut msg = err.to_string();
     let mut source = err.source();
     while let Some(cause) = source {
