@@ -97,6 +97,9 @@ const _: () = {
 
 /// Fixed I/O ports of the platform devices.
 pub mod ports {
+    /// PCI configuration mechanism #1: address at 0xcf8, data at 0xcfc
+    /// (8 ports).
+    pub const PCI_CONFIG: u16 = 0xcf8;
     /// COM1 8250 UART (8 ports).
     pub const COM1: u16 = 0x3f8;
     /// COM1's ISA interrupt line.

@@ -22,9 +22,6 @@ use crate::config::DiskConfig;
 use crate::interrupts::{InterruptRouting, MsiRoute, MsiVector};
 use crate::memory::GuestRam;
 
-/// Port of the PCI configuration address register.
-const PCI_CONFIG_PORT: u64 = 0xcf8;
-
 /// The PCI devices could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum PciSetupError {
@@ -142,7 +139,7 @@ pub fn create_pci(
     let root = Arc::new(Mutex::new(root));
     pio.insert(
         Arc::new(Mutex::new(PciConfigIo::new(root.clone()))),
-        PCI_CONFIG_PORT,
+        u64::from(layout::ports::PCI_CONFIG),
         CONFIG_IO_LEN,
     )?;
     mmio.insert(
