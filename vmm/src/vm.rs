@@ -334,11 +334,16 @@ impl Vmm {
             events.add_subscriber(Box::new(forwarder));
         }
         signals::loop_started();
+        // Everything that ends a wait is an eventfd; the tick only matches a
+        // console prompt that has no newline yet (and is a fallback).
+        let watching =
+            !self.config.watch.expect.is_empty() || !self.config.watch.fail_on.is_empty();
+        let tick_ms = if watching { 50 } else { 1000 };
         while lifecycle.reason().is_none() {
             while let Some(request) = control.try_next() {
                 apply_request(request, started, control, session);
             }
-            match events.run_with_timeout(50) {
+            match events.run_with_timeout(tick_ms) {
                 Ok(_) => {}
                 Err(event_manager::Error::Epoll(e)) if e.errno() == libc::EINTR => {}
                 Err(e) => return Err(VmError::EventLoop(e)),
