@@ -9,4 +9,5 @@ bash resources/fetch-debian-assets.sh
 cargo fmt --all -- --check
 (cd resources/probe && cargo fmt -- --check)
 cargo clippy --workspace --all-targets -- -D warnings
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --quiet
 cargo test --workspace --no-fail-fast

@@ -103,7 +103,7 @@ struct VmArgs {
     /// Print the boot timeline (ms since process start) on stderr at exit.
     #[arg(long)]
     boot_timer: bool,
-    /// virtio-blk disk: path=FILE[,readonly=on][,serial=S][,id=ID]; repeat
+    /// virtio-blk disk: `path=FILE[,readonly=on][,serial=S][,id=ID]`; repeat
     /// the option or give several values after one --disk.
     #[arg(long, value_name = "path=FILE[,readonly=on]", num_args = 1..)]
     disk: Vec<String>,

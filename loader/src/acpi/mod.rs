@@ -1,8 +1,8 @@
 //! ACPI tables for the guest: this module owns the RSDP, XSDT and their
 //! placement in `[layout::ACPI_START, layout::ACPI_END)`; the submodules build
-//! the FADT ([`fadt`]), MADT ([`madt`]), DSDT ([`dsdt`]) and, for PCI host
-//! bridges, the MCFG and the bridges' DSDT devices ([`pci`]); the power
-//! button's Generic Event Device ([`ged`]).
+//! the FADT (`fadt`), MADT (`madt`), DSDT (`dsdt`) and, for PCI host
+//! bridges, the MCFG and the bridges' DSDT devices (`pci`); the power
+//! button's Generic Event Device (`ged`).
 //!
 //! The platform is hardware-reduced ACPI (no PM1 blocks, no SCI, no FACS):
 //! power-off and reset go through the FADT sleep control/status and reset

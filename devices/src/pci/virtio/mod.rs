@@ -2,7 +2,7 @@
 //! wrapping a [`VirtioDevice`]. This module owns its PCI identity, the
 //! layout of its single BAR, the vendor-specific capabilities pointing into
 //! it, the PCI configuration access capability, and dispatch of BAR
-//! accesses to the common configuration ([`common`]), ISR, device
+//! accesses to the common configuration (`common`), ISR, device
 //! configuration, notification and MSI-X regions.
 //!
 //! BAR 0 (64-bit memory, not prefetchable, [`VIRTIO_BAR_SIZE`] bytes):
