@@ -46,6 +46,18 @@ fn byte_offset<D: ByteRegisters>(offset: u64, index: usize) -> Option<u8> {
     }
 }
 
+/// Every byte-register device is a bus device: accesses are split into
+/// byte accesses at consecutive offsets.
+impl<D: ByteRegisters + Send> crate::BusDevice for D {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        read_bytes(self, offset, data);
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        write_bytes(self, offset, data);
+    }
+}
+
 /// Serves a guest read of `data.len()` bytes at `offset` byte by byte.
 fn read_bytes<D: ByteRegisters>(device: &mut D, offset: u64, data: &mut [u8]) {
     for (index, byte) in data.iter_mut().enumerate() {

@@ -6,8 +6,8 @@
 
 use std::sync::Arc;
 
-use super::{read_bytes, write_bytes, ByteRegisters};
-use crate::{BusDevice, VmControl, VmRequest};
+use super::ByteRegisters;
+use crate::{VmControl, VmRequest};
 
 /// Sleep control register (FADT SLEEP_CONTROL_REG).
 const SLEEP_CONTROL: u8 = 0;
@@ -75,20 +75,11 @@ impl ByteRegisters for AcpiPm {
     }
 }
 
-impl BusDevice for AcpiPm {
-    fn read(&mut self, offset: u64, data: &mut [u8]) {
-        read_bytes(self, offset, data);
-    }
-
-    fn write(&mut self, offset: u64, data: &[u8]) {
-        write_bytes(self, offset, data);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::legacy::test_util::RecordingControl;
+    use crate::BusDevice;
 
     const S5: u8 = 5;
     const RESET_VALUE: u8 = 1;

@@ -12,8 +12,7 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use super::{read_bytes, write_bytes, ByteRegisters};
-use crate::BusDevice;
+use super::ByteRegisters;
 
 /// Index port (0x70); bit 7 of the index is the NMI mask, not an address.
 const INDEX: u8 = 0;
@@ -419,21 +418,12 @@ impl ByteRegisters for Cmos {
     }
 }
 
-impl BusDevice for Cmos {
-    fn read(&mut self, offset: u64, data: &mut [u8]) {
-        read_bytes(self, offset, data);
-    }
-
-    fn write(&mut self, offset: u64, data: &[u8]) {
-        write_bytes(self, offset, data);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::sync::{Arc, Mutex};
 
     use super::*;
+    use crate::BusDevice;
 
     /// 2024-02-29 13:45:07 UTC, a Thursday.
     const LEAP_DAY: u64 = 1_709_214_307;

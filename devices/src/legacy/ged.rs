@@ -6,8 +6,7 @@
 
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{read_bytes, write_bytes, ByteRegisters};
-use crate::BusDevice;
+use super::ByteRegisters;
 
 /// Event bit: the power button was pressed.
 pub const EVENT_POWER_BUTTON: u8 = 1;
@@ -53,19 +52,10 @@ impl ByteRegisters for Ged {
     fn write_byte(&mut self, _offset: u8, _value: u8) {}
 }
 
-impl BusDevice for Ged {
-    fn read(&mut self, offset: u64, data: &mut [u8]) {
-        read_bytes(self, offset, data);
-    }
-
-    fn write(&mut self, offset: u64, data: &[u8]) {
-        write_bytes(self, offset, data);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::BusDevice;
     use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
     fn ged() -> (Ged, EventFd) {

@@ -13,8 +13,8 @@
 
 use std::sync::Arc;
 
-use super::{read_bytes, write_bytes, ByteRegisters, OPEN_BUS};
-use crate::{BusDevice, VmControl, VmRequest};
+use super::{ByteRegisters, OPEN_BUS};
+use crate::{VmControl, VmRequest};
 
 /// Data port (0x60).
 const DATA: u8 = 0;
@@ -264,20 +264,11 @@ impl ByteRegisters for I8042 {
     }
 }
 
-impl BusDevice for I8042 {
-    fn read(&mut self, offset: u64, data: &mut [u8]) {
-        read_bytes(self, offset, data);
-    }
-
-    fn write(&mut self, offset: u64, data: &[u8]) {
-        write_bytes(self, offset, data);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::legacy::test_util::RecordingControl;
+    use crate::BusDevice;
 
     const DATA_PORT: u64 = 0;
     const PORT_61: u64 = 1;

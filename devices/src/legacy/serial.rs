@@ -10,8 +10,7 @@ use vm_superio::serial::{Error as UartError, SerialEvents};
 use vm_superio::Trigger;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{read_bytes, write_bytes, ByteRegisters};
-use crate::BusDevice;
+use super::ByteRegisters;
 
 /// Modem control register offset.
 const MCR_OFFSET: u8 = 4;
@@ -168,16 +167,6 @@ impl ByteRegisters for Serial {
     }
 }
 
-impl BusDevice for Serial {
-    fn read(&mut self, offset: u64, data: &mut [u8]) {
-        read_bytes(self, offset, data);
-    }
-
-    fn write(&mut self, offset: u64, data: &[u8]) {
-        write_bytes(self, offset, data);
-    }
-}
-
 /// A writer that shows every byte to an observer before passing it on, so
 /// the VMM can match boot-log lines or time the first console byte.
 ///
@@ -214,6 +203,7 @@ mod tests {
 
     use super::*;
     use crate::legacy::test_util::SharedBuffer;
+    use crate::BusDevice;
 
     const THR: u64 = 0;
     const IER: u64 = 1;
