@@ -223,6 +223,7 @@ pub(super) fn build(devices: &[PlatformDevice]) -> Result<Vec<u8>, AcpiError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::acpi::tests::legacy_devices;
 
     /// `_HID` of PNP0501 as AML: NameOp "_HID" DWordPrefix, EISA ID bytes.
     const PNP0501_HID: [u8; 10] = [0x08, b'_', b'H', b'I', b'D', 0x0c, 0x41, 0xd0, 0x05, 0x01];
@@ -231,30 +232,13 @@ mod tests {
     /// `_HID` of PNP0C02.
     const PNP0C02_HID: [u8; 4] = [0x41, 0xd0, 0x0c, 0x02];
 
-    fn platform_devices() -> Vec<PlatformDevice> {
-        vec![
-            PlatformDevice::Serial {
-                port: ports::COM1,
-                irq: ports::COM1_IRQ,
-            },
-            PlatformDevice::Rtc {
-                port: ports::CMOS,
-                irq: ports::CMOS_IRQ,
-            },
-            PlatformDevice::PowerManagement {
-                base: ports::ACPI_PM_BASE,
-                len: ports::ACPI_PM_LEN,
-            },
-        ]
-    }
-
     fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
         haystack.windows(needle.len()).position(|w| w == needle)
     }
 
     #[test]
     fn header_and_checksum() {
-        let dsdt = build(&platform_devices()).unwrap();
+        let dsdt = build(&legacy_devices()).unwrap();
         assert_eq!(&dsdt[..4], b"DSDT");
         assert_eq!(dsdt[8], 2);
         assert_eq!(
@@ -277,7 +261,7 @@ mod tests {
 
     #[test]
     fn declares_com1_with_its_ports_and_irq() {
-        let dsdt = build(&platform_devices()).unwrap();
+        let dsdt = build(&legacy_devices()).unwrap();
         let com1 = find(&dsdt, b"COM1").expect("COM1 missing");
         assert!(find(&dsdt[com1..], &PNP0501_HID).is_some());
         let [lo, hi] = ports::COM1.to_le_bytes();
@@ -295,7 +279,7 @@ mod tests {
 
     #[test]
     fn declares_rtc_and_pm_block() {
-        let dsdt = build(&platform_devices()).unwrap();
+        let dsdt = build(&legacy_devices()).unwrap();
         assert!(find(&dsdt, b"RTC0").is_some());
         assert!(find(&dsdt, &PNP0B00_HID).is_some());
         assert!(find(&dsdt, b"PMB0").is_some());

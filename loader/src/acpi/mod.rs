@@ -324,23 +324,29 @@ mod tests {
     use super::*;
     use crate::layout::ports;
 
+    /// zvmm's legacy devices (COM1, RTC, PM block), shared by the table
+    /// tests.
+    pub(super) fn legacy_devices() -> Vec<PlatformDevice> {
+        vec![
+            PlatformDevice::Serial {
+                port: ports::COM1,
+                irq: ports::COM1_IRQ,
+            },
+            PlatformDevice::Rtc {
+                port: ports::CMOS,
+                irq: ports::CMOS_IRQ,
+            },
+            PlatformDevice::PowerManagement {
+                base: ports::ACPI_PM_BASE,
+                len: ports::ACPI_PM_LEN,
+            },
+        ]
+    }
+
     fn platform(cpus: u8) -> AcpiPlatform {
         AcpiPlatform {
             cpus,
-            devices: vec![
-                PlatformDevice::Serial {
-                    port: ports::COM1,
-                    irq: ports::COM1_IRQ,
-                },
-                PlatformDevice::Rtc {
-                    port: ports::CMOS,
-                    irq: ports::CMOS_IRQ,
-                },
-                PlatformDevice::PowerManagement {
-                    base: ports::ACPI_PM_BASE,
-                    len: ports::ACPI_PM_LEN,
-                },
-            ],
+            devices: legacy_devices(),
         }
     }
 
