@@ -32,7 +32,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use zvmm_tests::bench::{
-    bench_main, markdown_table, measure, runs_from_env, BenchError, Ending, Summary, RUNS_VAR,
+    bench_main, markdown_table, measure, qemu_version, runs_from_env, BenchError, Ending, Summary,
+    RUNS_VAR,
 };
 use zvmm_tests::disk::make_image;
 use zvmm_tests::probe::{probe_elf, test_bytes, Fields, Flavour, ProbeReport};
@@ -263,19 +264,6 @@ fn rdtsc() -> u64 {
     // SAFETY: RDTSC only reads a counter; every x86_64 CPU has it and it
     // touches no memory.
     unsafe { core::arch::x86_64::_rdtsc() }
-}
-
-/// `qemu-system-x86_64 --version`'s first line; a clear error without QEMU.
-fn qemu_version() -> Result<String, BenchError> {
-    let output = Command::new(QEMU)
-        .arg("--version")
-        .output()
-        .map_err(|source| BenchError::Spawn {
-            program: format!("{QEMU} (install it: apt-get install -y qemu-system-x86)"),
-            source,
-        })?;
-    let text = String::from_utf8_lossy(&output.stdout);
-    Ok(text.lines().next().unwrap_or("unknown version").to_string())
 }
 
 fn print_header(runs: usize, qemu_version: &str, tsc_source: &str) {

@@ -28,8 +28,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use zvmm_tests::bench::{
-    bench_main, check_probe_run, markdown_table, measure, runs_from_env, BenchError, Measured,
-    Summary,
+    bench_main, check_probe_run, markdown_table, measure, qemu_version, runs_from_env, BenchError,
+    Measured, Summary,
 };
 use zvmm_tests::probe::{probe_elf, Flavour};
 use zvmm_tests::qemu::QEMU;
@@ -183,19 +183,6 @@ fn run() -> Result<(), BenchError> {
     print_header(runs, zvmm, &qemu_version);
     print_results(&cases);
     Ok(())
-}
-
-/// `qemu-system-x86_64 --version`'s first line; a clear error without QEMU.
-fn qemu_version() -> Result<String, BenchError> {
-    let output = Command::new(QEMU)
-        .arg("--version")
-        .output()
-        .map_err(|source| BenchError::Spawn {
-            program: format!("{QEMU} (install it: apt-get install -y qemu-system-x86)"),
-            source,
-        })?;
-    let text = String::from_utf8_lossy(&output.stdout);
-    Ok(text.lines().next().unwrap_or("unknown version").to_string())
 }
 
 /// Writes the deterministic initrd into a scratch directory.

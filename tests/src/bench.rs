@@ -353,6 +353,22 @@ pub fn bench_main<E: std::error::Error>(name: &str, run: impl FnOnce() -> Result
     }
 }
 
+/// `qemu-system-x86_64 --version`'s first line; a clear error without QEMU.
+pub fn qemu_version() -> Result<String, BenchError> {
+    let output = Command::new(crate::qemu::QEMU)
+        .arg("--version")
+        .output()
+        .map_err(|source| BenchError::Spawn {
+            program: format!(
+                "{} (install it: apt-get install -y qemu-system-x86)",
+                crate::qemu::QEMU
+            ),
+            source,
+        })?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    Ok(text.lines().next().unwrap_or("unknown version").to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
