@@ -110,6 +110,24 @@ fn wait_with_limit(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
     }
 }
 
+/// How fast zvmm must refuse bad input.
+pub const QUICK_REJECTION: Duration = Duration::from_secs(2);
+
+/// Checks a refusal: status `code`, within [`QUICK_REJECTION`], no guest
+/// output, exactly one `zvmm: ` line on stderr containing every one of
+/// `needles`, and no panic.
+pub fn assert_rejected(run: &Finished, code: i32, needles: &[&str]) {
+    assert_eq!(run.code(), code, "{run:#?}");
+    assert!(run.elapsed < QUICK_REJECTION, "slow rejection: {run:#?}");
+    assert_eq!(run.stdout, "", "{run:#?}");
+    assert!(!run.stderr.contains("panicked"), "{run:#?}");
+    assert_eq!(run.stderr.lines().count(), 1, "not one line: {run:#?}");
+    assert!(run.stderr.starts_with("zvmm: "), "{run:#?}");
+    for needle in needles {
+        assert!(run.stderr.contains(needle), "no {needle:?} in {run:#?}");
+    }
+}
+
 /// Runs `zvmm` with `args`, killing it after `limit`.
 pub fn run_zvmm<I, S>(args: I, limit: Duration) -> Finished
 where

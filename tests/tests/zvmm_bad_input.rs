@@ -9,12 +9,10 @@ use std::process::Command;
 use std::time::Duration;
 
 use zvmm_tests::probe::{probe_elf, test_bytes, Flavour};
-use zvmm_tests::zvmm::{run_zvmm, scratch_dir, Finished};
+use zvmm_tests::zvmm::{assert_rejected, run_zvmm, scratch_dir, Finished};
 
 /// Hard limit for one zvmm run (a hung one is killed and the test fails).
 const LIMIT: Duration = Duration::from_secs(10);
-/// Rejecting input must not take longer than this.
-const QUICK: Duration = Duration::from_secs(2);
 /// Exit status for a usage error.
 const USAGE: i32 = 2;
 /// Exit status for a configuration or host error.
@@ -24,15 +22,7 @@ const CONFIG: i32 = 1;
 /// stdout, one stderr line containing every one of `needles`.
 fn check_rejected<S: AsRef<std::ffi::OsStr>>(args: &[S], code: i32, needles: &[&str]) -> Finished {
     let run = run_zvmm(args, LIMIT);
-    assert_eq!(run.code(), code, "{run:#?}");
-    assert!(run.elapsed < QUICK, "{run:#?}");
-    assert_eq!(run.stdout, "", "{run:#?}");
-    assert!(!run.stderr.contains("panicked"), "{run:#?}");
-    assert_eq!(run.stderr.lines().count(), 1, "not one line: {run:#?}");
-    assert!(run.stderr.starts_with("zvmm: "), "{run:#?}");
-    for needle in needles {
-        assert!(run.stderr.contains(needle), "no {needle:?} in {run:#?}");
-    }
+    assert_rejected(&run, code, needles);
     run
 }
 

@@ -17,14 +17,12 @@ use zvmm_tests::disk::{
     feature, has_feature, line, make_image, pattern, range_bytes, FileState, SECTOR,
 };
 use zvmm_tests::probe::{fnv1a64, probe_elf, test_bytes, Flavour, ProbeReport};
-use zvmm_tests::zvmm::{scratch_dir, spawn_zvmm, Finished, Running};
+use zvmm_tests::zvmm::{assert_rejected, scratch_dir, spawn_zvmm, Finished, Running};
 
 /// Hard limit for one VM run (the test kills zvmm past it).
 const LIMIT: Duration = Duration::from_secs(60);
 /// zvmm's own limit (`--timeout`), below [`LIMIT`].
 const VM_TIMEOUT: &str = "50";
-/// Rejecting input must not take longer than this.
-const QUICK: Duration = Duration::from_secs(2);
 /// Exit statuses: usage error, configuration or host error.
 const USAGE: i32 = 2;
 const CONFIG: i32 = 1;
@@ -448,15 +446,7 @@ fn check_rejected(args: &[String], code: i32, needles: &[&str]) -> (Finished, u3
     let running = spawn_zvmm(args);
     let pid = running.pid();
     let run = running.finish(LIMIT);
-    assert_eq!(run.code(), code, "{args:?}: {run:#?}");
-    assert!(run.elapsed < QUICK, "slow rejection: {run:#?}");
-    assert_eq!(run.stdout, "", "{run:#?}");
-    assert!(!run.stderr.contains("panicked"), "{run:#?}");
-    assert_eq!(run.stderr.lines().count(), 1, "not one line: {run:#?}");
-    assert!(run.stderr.starts_with("zvmm: "), "{run:#?}");
-    for needle in needles {
-        assert!(run.stderr.contains(needle), "no {needle:?} in {run:#?}");
-    }
+    assert_rejected(&run, code, needles);
     (run, pid)
 }
 
