@@ -309,6 +309,15 @@ impl MsiRouter for KvmMsiRouter {
             ))),
         }
     }
+
+    /// The vector's irqfd (a duplicate), once it has been routed at least
+    /// once; a vhost-user backend writes it to interrupt the guest through
+    /// KVM directly.
+    fn irqfd(&self, vector: u16) -> Option<EventFd> {
+        let vectors = self.vectors.lock().unwrap_or_else(|p| p.into_inner());
+        let msi = vectors.get(usize::from(vector))?.as_ref()?;
+        msi.irqfd.try_clone().ok()
+    }
 }
 
 #[cfg(test)]

@@ -9,9 +9,19 @@
 //! deliverable its route is removed. A masked vector that fires only sets
 //! its pending bit; the interrupt is delivered when it is unmasked. Nothing
 //! is ever signalled for a vector that is not deliverable.
+//!
+//! A vector's irqfd can also be handed out ([`Msix::irqfd`]) so that a
+//! backend outside zvmm (vhost-user) raises it without a trip through this
+//! module. Such a *direct* vector cannot record a pending bit: KVM drops a
+//! write to an irqfd whose route is gone. So each time a direct vector
+//! becomes deliverable again (unmasked, MSI-X re-enabled) it is signalled
+//! once, in case the backend wrote while it was masked; a spurious
+//! interrupt costs the driver one look at its used ring.
 
 use std::io;
 use std::sync::Arc;
+
+use vmm_sys_util::eventfd::EventFd;
 
 /// MSI-X capability ID.
 pub const MSIX_CAPABILITY_ID: u8 = 0x11;
@@ -48,6 +58,11 @@ pub trait MsiRouter: Send + Sync {
     fn route(&self, vector: u16, message: Option<MsiMessage>) -> io::Result<()>;
     /// Raises `vector` (writes its irqfd); only called while it is routed.
     fn signal(&self, vector: u16) -> io::Result<()>;
+    /// A duplicate of the eventfd that raises `vector` (its irqfd), if the
+    /// router has one, for a backend to signal directly.
+    fn irqfd(&self, _vector: u16) -> Option<EventFd> {
+        None
+    }
 }
 
 /// MSI-X errors.
@@ -132,6 +147,8 @@ pub struct Msix {
     function_masked: bool,
     /// The message each vector is routed with (`None`: no route).
     routed: Vec<Option<MsiMessage>>,
+    /// Vectors whose irqfd was handed out (see the module doc).
+    direct: Vec<bool>,
     router: Arc<dyn MsiRouter>,
     counters: MsixCounters,
 }
@@ -149,6 +166,7 @@ impl Msix {
             enabled: false,
             function_masked: false,
             routed: vec![None; count],
+            direct: vec![false; count],
             router,
             counters: MsixCounters::default(),
         })
@@ -232,6 +250,21 @@ impl Msix {
         }
     }
 
+    /// The router's irqfd for `vector` (a duplicate), marking the vector
+    /// direct; `None` if the vector is not in the table or the router has
+    /// no irqfd for it (never routed).
+    pub fn irqfd(&mut self, vector: u16) -> Option<EventFd> {
+        let slot = self.direct.get_mut(usize::from(vector))?;
+        let irqfd = self.router.irqfd(vector)?;
+        *slot = true;
+        Some(irqfd)
+    }
+
+    /// Forgets which vectors were handed out (the device was reset).
+    pub fn release_irqfds(&mut self) {
+        self.direct.fill(false);
+    }
+
     /// Reads the pending-bit array at `offset` (read-only; zero past it).
     pub fn read_pba(&self, offset: u64, data: &mut [u8]) {
         for (i, byte) in data.iter_mut().enumerate() {
@@ -291,10 +324,14 @@ impl Msix {
     }
 
     /// Brings the route of `index` in line with its state and delivers a
-    /// pending interrupt once it is deliverable.
+    /// pending interrupt once it is deliverable (for a direct vector: on
+    /// every return to deliverable).
     fn sync(&mut self, index: usize) {
         let deliverable = self.deliverable(index);
         let wanted = deliverable.then(|| self.message(index));
+        if deliverable && self.direct[index] && self.routed[index].is_none() {
+            self.pending[index] = true;
+        }
         if self.routed[index] != wanted {
             if self.router.route(index as u16, wanted).is_err() {
                 self.counters.route_failures += 1;
@@ -324,14 +361,24 @@ pub(crate) mod tests {
         Signal(u16),
     }
 
-    /// Records every call; can be told to fail.
+    /// Records every call; can be told to fail; hands out irqfds given to
+    /// it with [`RecordingRouter::add_irqfd`].
     #[derive(Default)]
     pub struct RecordingRouter {
         events: Mutex<Vec<RouterEvent>>,
         fail: Mutex<bool>,
+        irqfds: Mutex<Vec<(u16, EventFd)>>,
     }
 
     impl RecordingRouter {
+        /// Gives `vector` an irqfd; returns the router's end to read.
+        pub fn add_irqfd(&self, vector: u16) -> EventFd {
+            let irqfd = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+            let ours = irqfd.try_clone().unwrap();
+            self.irqfds.lock().unwrap().push((vector, irqfd));
+            ours
+        }
+
         /// Returns and forgets the calls so far.
         pub fn take(&self) -> Vec<RouterEvent> {
             std::mem::take(&mut *self.events.lock().unwrap())
@@ -357,6 +404,11 @@ pub(crate) mod tests {
         }
         fn signal(&self, vector: u16) -> io::Result<()> {
             self.record(RouterEvent::Signal(vector))
+        }
+        fn irqfd(&self, vector: u16) -> Option<EventFd> {
+            let irqfds = self.irqfds.lock().unwrap();
+            let (_, irqfd) = irqfds.iter().find(|(v, _)| *v == vector)?;
+            Some(irqfd.try_clone().unwrap())
         }
     }
 
@@ -480,6 +532,41 @@ pub(crate) mod tests {
         ));
         let counters = msix.counters();
         assert_eq!((counters.route_failures, counters.signal_failures), (1, 1));
+    }
+
+    #[test]
+    fn direct_vectors_are_signalled_on_every_return_to_deliverable() {
+        let (mut msix, router) = msix(3);
+        assert!(msix.irqfd(1).is_none(), "the router has no irqfd");
+        let irqfd = router.add_irqfd(1);
+        assert!(msix.irqfd(3).is_none(), "outside the table");
+        msix.set_control(MSIX_CONTROL_ENABLE);
+        program(&mut msix, 1, MSG.address, MSG.data);
+        unmask(&mut msix, 1, false);
+        router.take();
+        let handed = msix.irqfd(1).unwrap();
+        handed.write(1).unwrap();
+        assert_eq!(irqfd.read().unwrap(), 1, "the router's own irqfd");
+        // Masked then unmasked: a backend may have written meanwhile.
+        unmask(&mut msix, 1, true);
+        unmask(&mut msix, 1, false);
+        let replay = [RouterEvent::Route(1, Some(MSG)), RouterEvent::Signal(1)];
+        assert_eq!(router.take()[1..], replay);
+        msix.set_control(0);
+        msix.set_control(MSIX_CONTROL_ENABLE);
+        assert_eq!(router.take()[1..], replay);
+        // A message change while deliverable is no return: no signal.
+        msix.write_table(16 + 8, &7u32.to_le_bytes());
+        let moved = MsiMessage { data: 7, ..MSG };
+        assert_eq!(router.take(), vec![RouterEvent::Route(1, Some(moved))]);
+        // Released (device reset): plain vectors again.
+        msix.release_irqfds();
+        unmask(&mut msix, 1, true);
+        unmask(&mut msix, 1, false);
+        assert_eq!(
+            router.take(),
+            vec![RouterEvent::Route(1, None), RouterEvent::Route(1, Some(moved))]
+        );
     }
 
     #[test]

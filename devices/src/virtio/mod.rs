@@ -28,6 +28,13 @@ pub enum InterruptKind {
 pub trait VirtioInterrupt: Send + Sync {
     /// Raises `kind`; must not block.
     fn trigger(&self, kind: InterruptKind) -> std::io::Result<()>;
+    /// A duplicate of the eventfd that raises queue `queue`'s interrupt
+    /// without zvmm (an MSI-X vector's KVM irqfd), for a backend in another
+    /// process to signal directly; `None` when there is none (no vector,
+    /// vector never routed): then use [`VirtioInterrupt::trigger`].
+    fn queue_eventfd(&self, _queue: u16) -> Option<EventFd> {
+        None
+    }
 }
 
 /// Activation failed; the transport sets DEVICE_NEEDS_RESET / FAILED.

@@ -4,11 +4,14 @@
 //! the ISR bits, and raises the vector through the function's MSI-X state
 //! (which holds back masked vectors as pending). Shared between the
 //! transport (vCPU threads) and the device's own threads; never takes the
-//! PCI root's lock.
+//! PCI root's lock. A device whose backend lives in another process gets a
+//! queue's irqfd instead ([`VirtioInterrupt::queue_eventfd`]).
 
 use std::io;
 use std::sync::atomic::{AtomicU16, AtomicU8, Ordering};
 use std::sync::{Mutex, MutexGuard};
+
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::pci::msix::{Msix, MsixError};
 use crate::virtio::{InterruptKind, VirtioInterrupt};
@@ -98,8 +101,10 @@ impl InterruptState {
         self.config_generation.load(Ordering::Acquire)
     }
 
-    /// Device reset: vectors unassigned, ISR clear.
+    /// Device reset: vectors unassigned, ISR clear, irqfds handed out
+    /// forgotten.
     pub fn reset(&self) {
+        self.msix().release_irqfds();
         self.config_vector.store(NO_VECTOR, Ordering::Release);
         for vector in &self.queue_vectors {
             vector.store(NO_VECTOR, Ordering::Release);
@@ -135,6 +140,14 @@ impl VirtioInterrupt for InterruptState {
             MsixError::Signal { source, .. } => source,
             other => io::Error::new(io::ErrorKind::InvalidInput, other),
         })
+    }
+
+    fn queue_eventfd(&self, queue: u16) -> Option<EventFd> {
+        let vector = self.queue_vector(queue);
+        if vector == NO_VECTOR {
+            return None;
+        }
+        self.msix().irqfd(vector)
     }
 }
 
@@ -206,6 +219,19 @@ mod tests {
         state.trigger(InterruptKind::Queue(0)).unwrap();
         assert_eq!(state.take_isr(), ISR_QUEUE);
         assert_eq!(router.take(), vec![]);
+    }
+
+    #[test]
+    fn queue_eventfds_are_the_vectors_irqfds() {
+        let (state, router) = state(3, 2);
+        let irqfd = router.add_irqfd(2);
+        state.set_queue_vector(0, 2);
+        assert!(state.queue_eventfd(1).is_none(), "queue 1 has no vector");
+        assert!(state.queue_eventfd(5).is_none(), "no such queue");
+        state.queue_eventfd(0).unwrap().write(1).unwrap();
+        assert_eq!(irqfd.read().unwrap(), 1);
+        state.set_queue_vector(1, 1);
+        assert!(state.queue_eventfd(1).is_none(), "vector 1 has no irqfd");
     }
 
     #[test]

@@ -509,6 +509,46 @@ fn device_interrupts_use_the_programmed_vectors_and_respect_masks() {
 }
 
 #[test]
+fn queue_irqfds_reach_the_device_and_replay_after_a_mask() {
+    let mut f = fixture();
+    let irqfd = f.router.add_irqfd(2);
+    enable_msix(&mut f);
+    f.negotiate(F_VERSION_1);
+    f.write(0x16, 1, 2);
+    f.write(0x1a, 2, 2);
+    f.setup_queue(1, 8, 0x1_0000);
+    f.set_status(ACK | DRIVER | FEATURES_OK | DRIVER_OK);
+    let interrupt = f.log().interrupt.clone().unwrap();
+    assert!(interrupt.queue_eventfd(0).is_none(), "queue 0 has no vector");
+    let direct = interrupt.queue_eventfd(1).unwrap();
+    direct.write(1).unwrap();
+    assert_eq!(irqfd.read().unwrap(), 1, "the backend raises vector 2");
+    f.router.take();
+    // A backend write while masked is lost in KVM: unmasking replays it.
+    f.write(MSIX_TABLE_OFFSET + 16 * 2 + 12, 1, 4);
+    f.write(MSIX_TABLE_OFFSET + 16 * 2 + 12, 0, 4);
+    assert_eq!(
+        f.router.take(),
+        vec![
+            RouterEvent::Route(2, None),
+            RouterEvent::Route(2, Some(message(2))),
+            RouterEvent::Signal(2)
+        ]
+    );
+    // After a device reset the vector is an ordinary one again.
+    f.set_status(0);
+    f.write(MSIX_TABLE_OFFSET + 16 * 2 + 12, 1, 4);
+    f.write(MSIX_TABLE_OFFSET + 16 * 2 + 12, 0, 4);
+    assert_eq!(
+        f.router.take(),
+        vec![
+            RouterEvent::Route(2, None),
+            RouterEvent::Route(2, Some(message(2)))
+        ]
+    );
+}
+
+#[test]
 fn notifications_reach_the_queue_eventfds() {
     let mut f = fixture();
     let offsets: Vec<(u64, u16)> = f
