@@ -565,7 +565,10 @@ pub(crate) mod tests {
         unmask(&mut msix, 1, false);
         assert_eq!(
             router.take(),
-            vec![RouterEvent::Route(1, None), RouterEvent::Route(1, Some(moved))]
+            vec![
+                RouterEvent::Route(1, None),
+                RouterEvent::Route(1, Some(moved))
+            ]
         );
     }
 
