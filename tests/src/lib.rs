@@ -5,4 +5,5 @@ pub mod bench;
 pub mod disk;
 pub mod probe;
 pub mod qemu;
+pub mod tiny;
 pub mod zvmm;

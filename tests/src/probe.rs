@@ -376,6 +376,16 @@ impl ProbeReport {
         records.into_iter()
     }
 
+    /// Whether an i8254 PIT answered on ports 0x40-0x43 (`pit present=`).
+    pub fn pit_present(&self) -> Option<bool> {
+        let line = self.value("pit present=")?;
+        match line.split(' ').next()? {
+            "1" => Some(true),
+            "0" => Some(false),
+            _ => None,
+        }
+    }
+
     /// `start` was printed (the probe reached Rust code).
     pub fn started(&self) -> bool {
         self.has("start")

@@ -31,6 +31,8 @@ struct Boot {
     cpus: u8,
     memory: &'static str,
     ram_size: u64,
+    /// zvmm options beyond kernel, initrd, command line, CPUs and memory.
+    extra: &'static [&'static str],
 }
 
 /// What one boot left behind.
@@ -82,6 +84,10 @@ fn boot(spec: &Boot) -> Booted {
         "--memory".into(),
         spec.memory.into(),
     ];
+    let args: Vec<std::ffi::OsString> = args
+        .into_iter()
+        .chain(spec.extra.iter().map(Into::into))
+        .collect();
     let run = run_zvmm(&args, LIMIT);
     eprintln!("{}: zvmm ran {:?}", spec.name, run.elapsed);
     let report = ProbeReport::parse(&run.stdout);
@@ -117,6 +123,8 @@ fn check_clean_boot(spec: &Boot, booted: &Booted) {
     check_acpi(report, &context);
     check_cpus(report, spec.cpus, &context);
     assert_eq!(report.port_value(UNCLAIMED_PORT), Some(0xff), "{context}");
+    let pit_wanted = spec.extra.windows(2).any(|w| w == ["--pit", "on"]);
+    assert_eq!(report.pit_present(), Some(pit_wanted), "{context}");
     assert!(report.finished(), "{context}");
     let off = report.poweroff().unwrap_or_else(|| panic!("{context}"));
     assert_eq!((off.method.as_str(), off.slp_typ), ("sleep_control", 5));
@@ -235,6 +243,7 @@ fn pvh(name: &'static str, cpus: u8) -> Boot {
         cpus,
         memory: "256M",
         ram_size: 256 << 20,
+        extra: &[],
     }
 }
 
@@ -256,6 +265,24 @@ fn pvh_probe_on_4_vcpus() {
     check_clean_boot(&spec, &boot(&spec));
 }
 
+/// No PIT by default (ports 0x40-0x43 read all-ones, see
+/// `check_clean_boot`); `--pit on` gives the guest KVM's i8254.
+#[test]
+fn pit_on_gives_the_guest_an_i8254() {
+    let spec = Boot {
+        extra: &["--pit", "on"],
+        ..pvh("pvh-pit", 1)
+    };
+    let booted = boot(&spec);
+    check_clean_boot(&spec, &booted);
+    assert_eq!(
+        booted.report.pit_present(),
+        Some(true),
+        "{}",
+        booted.context()
+    );
+}
+
 /// 5 GiB: RAM below the 32-bit hole up to 0xc000_0000, the remaining
 /// 2 GiB from 4 GiB; the initrd at the top of the low part.
 #[test]
@@ -266,6 +293,7 @@ fn memory_above_4g_is_split_around_the_hole() {
         cpus: 2,
         memory: "5G",
         ram_size: 5 << 30,
+        extra: &[],
     };
     let booted = boot(&spec);
     check_clean_boot(&spec, &booted);
@@ -296,6 +324,7 @@ fn shared_memory_boots_the_same() {
         cpus: 2,
         memory: "size=256M,shared=on",
         ram_size: 256 << 20,
+        extra: &[],
     };
     check_clean_boot(&spec, &boot(&spec));
 }
@@ -310,6 +339,7 @@ fn linux64_probe_reports_the_same_facts() {
         cpus: 2,
         memory: "256M",
         ram_size: 256 << 20,
+        extra: &[],
     };
     let booted = boot(&spec);
     check_clean_boot(&spec, &booted);

@@ -128,8 +128,7 @@ impl InterruptRouting {
         for entry in entries {
             routing.push(entry).map_err(|_| InterruptError::Exhausted)?;
         }
-        self.vm
-            .set_gsi_routing(&routing)
+        crate::kernel_time::timed("KVM_SET_GSI_ROUTING", || self.vm.set_gsi_routing(&routing))
             .map_err(|source| InterruptError::Kvm {
                 what: "set the interrupt routing table",
                 source,

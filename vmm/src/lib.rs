@@ -10,6 +10,7 @@ pub mod control;
 pub mod cpuid;
 pub mod handle;
 pub mod interrupts;
+pub mod kernel_time;
 pub mod lifecycle;
 pub mod memory;
 pub mod pci;

@@ -107,6 +107,11 @@ struct VmArgs {
     /// the option or give several values after one --disk.
     #[arg(long, value_name = "path=FILE[,readonly=on]", num_args = 1..)]
     disk: Vec<String>,
+    /// Create KVM's in-kernel i8254 PIT (ports 0x40-0x43), for guests or
+    /// firmware that program it. Off by default: zvmm's ACPI is
+    /// hardware-reduced and Linux does not use a PIT there.
+    #[arg(long, value_name = "on|off", default_value = "off")]
+    pit: String,
     /// Serve the cloud-hypervisor REST API on this Unix socket (PATH or
     /// path=PATH); without --kernel, wait for vm.create and vm.boot.
     #[arg(long, value_name = "PATH|path=PATH")]
@@ -176,6 +181,7 @@ impl VmArgs {
                 .iter()
                 .map(|disk| config::parse_disk(disk))
                 .collect::<Result<_, _>>()?,
+            pit: config::parse_pit(&self.pit)?,
         };
         config.validate()?;
         Ok(config)
@@ -285,6 +291,10 @@ fn boot(config: VmConfig) -> anyhow::Result<i32> {
     }
     if boot_timer {
         eprint!("{}", summary.timeline.render());
+        eprint!(
+            "{}",
+            vmm::kernel_time::render(&vmm::kernel_time::snapshot())
+        );
     }
     Ok(status)
 }

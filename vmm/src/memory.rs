@@ -64,8 +64,10 @@ pub fn create_guest_ram(size: u64, shared: bool) -> Result<GuestRam, MemoryError
             (GuestAddress(start), len as usize, backing)
         })
         .collect();
-    GuestMemoryMmap::from_ranges_with_files(ranges)
-        .map_err(|source| MemoryError::Map { size, source })
+    crate::kernel_time::timed("mmap guest RAM", || {
+        GuestMemoryMmap::from_ranges_with_files(ranges)
+    })
+    .map_err(|source| MemoryError::Map { size, source })
 }
 
 fn create_memfd(size: u64) -> Result<std::sync::Arc<File>, MemoryError> {
@@ -101,8 +103,10 @@ pub fn register_guest_ram(vm: &VmFd, ram: &GuestRam) -> Result<(), MemoryError> 
         };
         // SAFETY: the host range is a live mapping owned by `ram`, which the
         // caller keeps alive for as long as the VM exists.
-        unsafe { vm.set_user_memory_region(kvm_region) }
-            .map_err(|source| MemoryError::Register { slot, source })?;
+        crate::kernel_time::timed("KVM_SET_USER_MEMORY_REGION", || unsafe {
+            vm.set_user_memory_region(kvm_region)
+        })
+        .map_err(|source| MemoryError::Register { slot, source })?;
     }
     Ok(())
 }

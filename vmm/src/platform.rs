@@ -1,5 +1,5 @@
 //! The PC platform around the vCPUs: in-kernel interrupt controllers and
-//! PIT, the legacy devices on the port-I/O bus (COM1, i8042, CMOS/RTC, the
+//! (on request) the PIT, the legacy devices on the port-I/O bus (COM1, i8042, CMOS/RTC, the
 //! ACPI power-management block, the POST port) with their interrupt lines,
 //! and the matching list of devices for the ACPI tables.
 
@@ -44,17 +44,20 @@ fn kvm_error(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> PlatformEr
     move |source| PlatformError::Kvm { what, source }
 }
 
-/// Creates the in-kernel IOAPIC, PICs and LAPICs, and the PIT.
-pub fn create_interrupt_controllers(vm: &VmFd) -> Result<(), PlatformError> {
+/// Creates the in-kernel IOAPIC, PICs and LAPICs, and the PIT when `pit`.
+pub fn create_interrupt_controllers(vm: &VmFd, pit: bool) -> Result<(), PlatformError> {
     vm.set_tss_address(layout::KVM_TSS_START as usize)
         .map_err(kvm_error("place its TSS"))?;
-    vm.create_irq_chip()
+    crate::kernel_time::timed("KVM_CREATE_IRQCHIP", || vm.create_irq_chip())
         .map_err(kvm_error("create the in-kernel irqchip"))?;
+    if !pit {
+        return Ok(());
+    }
     let pit = kvm_pit_config {
         flags: KVM_PIT_SPEAKER_DUMMY,
         ..Default::default()
     };
-    vm.create_pit2(pit)
+    crate::kernel_time::timed("KVM_CREATE_PIT2", || vm.create_pit2(pit))
         .map_err(kvm_error("create the in-kernel PIT"))
 }
 

@@ -149,7 +149,7 @@ impl Vmm {
             compile("fail-on", &config.watch.fail_on).map_err(invalid_pattern)?,
         );
         let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
-        check_capabilities(&kvm)?;
+        check_capabilities(&kvm, config.pit)?;
         install_kick_handler()?;
         signals::install().map_err(host_error("signal handlers"))?;
         let endpoints = open_console(&config.serial)?;
@@ -422,20 +422,22 @@ fn invalid_pattern(e: crate::watch::WatchError) -> VmError {
     VmError::Config(crate::config::ConfigError::Invalid(e.one_line()))
 }
 
-fn check_capabilities(kvm: &Kvm) -> Result<(), VmError> {
+fn check_capabilities(kvm: &Kvm, pit: bool) -> Result<(), VmError> {
     let needed = [
         (Cap::Irqchip, "an in-kernel irqchip"),
         (Cap::Irqfd, "irqfd"),
         (Cap::Ioeventfd, "ioeventfd"),
         (Cap::UserMemory, "user memory regions"),
         (Cap::ImmediateExit, "immediate_exit"),
-        (Cap::Pit2, "the in-kernel PIT"),
         (Cap::ExtCpuid, "KVM_GET_SUPPORTED_CPUID"),
     ];
     for (cap, name) in needed {
         if !kvm.check_extension(cap) {
             return Err(VmError::MissingCapability(name));
         }
+    }
+    if pit && !kvm.check_extension(Cap::Pit2) {
+        return Err(VmError::MissingCapability("the in-kernel PIT (--pit on)"));
     }
     Ok(())
 }
@@ -484,8 +486,10 @@ impl Machine {
         output: Option<Box<dyn std::io::Write + Send>>,
         lifecycle: &Arc<Lifecycle>,
     ) -> Result<Self, VmError> {
-        let vm = Arc::new(kvm.create_vm().map_err(kvm_error("create a VM"))?);
-        create_interrupt_controllers(&vm)?;
+        let vm = crate::kernel_time::timed("KVM_CREATE_VM", || kvm.create_vm())
+            .map_err(kvm_error("create a VM"))?;
+        let vm = Arc::new(vm);
+        create_interrupt_controllers(&vm, config.pit)?;
         let routing = Arc::new(InterruptRouting::new(vm.clone())?);
         let ram_size = config.memory.size;
         let ram = create_guest_ram(ram_size, config.memory.shared)?;
@@ -511,7 +515,8 @@ impl Machine {
             .map(|(index, disk)| disk.id.clone().unwrap_or_else(|| format!("_disk{index}")))
             .collect();
         let (kernel, boot_info) = load_payload(&ram, config, &platform.acpi)?;
-        let vcpus = create_vcpus(kvm, &vm, cpus)?;
+        let vcpus =
+            crate::kernel_time::timed("vCPU creation and set-up", || create_vcpus(kvm, &vm, cpus))?;
         let mode = match kernel.protocol {
             BootProtocol::Pvh => EntryMode::Pvh,
             BootProtocol::Linux64 => EntryMode::Linux64,
@@ -649,9 +654,11 @@ struct RunningMachine {
 }
 
 impl RunningMachine {
-    /// Stops every vCPU thread and waits for it.
+    /// Stops every vCPU thread and waits for it, then tears the VM down
+    /// (closing the last VM fd and unmapping RAM is the kernel's work).
     fn stop(mut self) {
         self.stop_threads();
+        crate::kernel_time::timed("VM teardown (close fds, unmap RAM)", || drop(self));
     }
 
     /// Parks every vCPU thread; undone if they don't all park in time.
