@@ -92,6 +92,8 @@ pub struct Measured {
     pub wall: Duration,
     /// `ru_maxrss` of the child from `wait4`, in KiB.
     pub max_rss_kib: u64,
+    /// User plus system CPU time of the child (and its threads).
+    pub cpu: Duration,
     /// Everything it wrote to stdout.
     pub stdout: String,
     /// Everything it wrote to stderr.
@@ -117,7 +119,7 @@ pub fn measure(mut command: Command, limit: Duration) -> Result<Measured, BenchE
     let waited = wait_with_rusage(&child, limit);
     let stdout = stdout.join().unwrap_or_default();
     let stderr = stderr.join().unwrap_or_default();
-    let (ending, max_rss_kib, exited_at) = waited.map_err(|source| BenchError::Wait {
+    let (ending, usage, exited_at) = waited.map_err(|source| BenchError::Wait {
         program,
         pid: child.id(),
         source,
@@ -125,7 +127,8 @@ pub fn measure(mut command: Command, limit: Duration) -> Result<Measured, BenchE
     Ok(Measured {
         ending,
         wall: exited_at.duration_since(start),
-        max_rss_kib,
+        max_rss_kib: usage.max_rss_kib,
+        cpu: usage.cpu,
         stdout,
         stderr,
     })
@@ -141,14 +144,26 @@ fn drain<R: Read + Send + 'static>(pipe: Option<R>) -> JoinHandle<String> {
     })
 }
 
+/// What `wait4` says a child used.
+struct Usage {
+    max_rss_kib: u64,
+    cpu: Duration,
+}
+
+fn timeval(tv: libc::timeval) -> Duration {
+    let secs = u64::try_from(tv.tv_sec).unwrap_or(0);
+    let micros = u64::try_from(tv.tv_usec).unwrap_or(0);
+    Duration::from_secs(secs) + Duration::from_micros(micros)
+}
+
 /// Blocks until `child` exits (or is killed at `limit`), then reaps it with
-/// `wait4` and returns how it ended, its peak RSS in KiB and when it exited
+/// `wait4` and returns how it ended, its peak RSS and CPU time and when it exited
 /// (as soon as it became a zombie, before any reaping or pipe draining).
 ///
 /// The child is first waited for with `WNOWAIT`, so it stays a zombie (its
 /// pid cannot be reused) until the watchdog has been told it is done; the
 /// watchdog only ever kills while holding the same lock.
-fn wait_with_rusage(child: &Child, limit: Duration) -> std::io::Result<(Ending, u64, Instant)> {
+fn wait_with_rusage(child: &Child, limit: Duration) -> std::io::Result<(Ending, Usage, Instant)> {
     let pid = libc::pid_t::try_from(child.id())
         .map_err(|_| std::io::Error::other("child pid out of range"))?;
     let done = Arc::new((Mutex::new(false), Condvar::new()));
@@ -170,8 +185,11 @@ fn wait_with_rusage(child: &Child, limit: Duration) -> std::io::Result<(Ending, 
     } else {
         Ending::Signalled(libc::WTERMSIG(status))
     };
-    let max_rss_kib = u64::try_from(rusage.ru_maxrss).unwrap_or(0);
-    Ok((ending, max_rss_kib, exited_at))
+    let usage = Usage {
+        max_rss_kib: u64::try_from(rusage.ru_maxrss).unwrap_or(0),
+        cpu: timeval(rusage.ru_utime) + timeval(rusage.ru_stime),
+    };
+    Ok((ending, usage, exited_at))
 }
 
 /// Kills `pid` once `limit` passes unless `done` is set first; returns
@@ -434,6 +452,16 @@ mod tests {
         assert!(m.max_rss_kib >= 64 * 1024, "{m:?}");
         let small = measure(sh("exit 0"), Duration::from_secs(10)).unwrap();
         assert!(small.max_rss_kib < 16 * 1024, "{small:?}");
+        let busy = measure(
+            sh("i=0; while [ $i -lt 200000 ]; do i=$((i+1)); done"),
+            Duration::from_secs(60),
+        )
+        .unwrap();
+        assert!(busy.cpu >= Duration::from_millis(20), "{busy:?}");
+        assert!(
+            busy.cpu <= busy.wall + Duration::from_millis(20),
+            "{busy:?}"
+        );
     }
 
     fn probe_output(lines: &[&str]) -> Measured {
@@ -441,6 +469,7 @@ mod tests {
             ending: Ending::Exited(0),
             wall: Duration::from_millis(1),
             max_rss_kib: 1,
+            cpu: Duration::ZERO,
             stdout: lines.iter().map(|l| format!("probe: {l}\n")).collect(),
             stderr: String::new(),
         }
