@@ -10,17 +10,19 @@
 //! - `probe.blk.zero=SECTOR:COUNT` WRITE_ZEROES with the unmap flag
 //! - `probe.blk.bench=MIB` sequential read/write of MIB MiB, random reads
 
-use crate::acpi::Acpi;
-use crate::boot::BootInfo;
-use crate::pci::{self, Config, Function};
+use crate::pci::{Config, Function, Pci};
 use crate::serial::Quoted;
-use crate::virtio::{self, Buf, Device, Queue, DESC_PER_SLOT, MAX_SLOTS};
-use crate::{io, report};
+use crate::virtio::{self, Buf, Device, Queue, QUEUE_MAX};
+use crate::{fnv1a64_update, io, report, FNV_OFFSET_BASIS};
 
 /// PCI device ID of a modern virtio-blk function.
 pub const DEVICE_ID: u16 = 0x1042;
 /// Bytes of a virtio-blk sector.
 pub const SECTOR: u64 = 512;
+/// Descriptors (ring or indirect) each request slot owns.
+const DESC_PER_SLOT: u16 = 8;
+/// Most requests in flight.
+const MAX_SLOTS: usize = (QUEUE_MAX / DESC_PER_SLOT) as usize;
 
 // virtio-blk feature bits.
 const F_SIZE_MAX: u64 = 1 << 1;
@@ -151,11 +153,9 @@ fn parse_u64(digits: &[u8]) -> Option<u64> {
     })
 }
 
-/// Enumerates PCI bus 0 and drives every virtio-blk function found.
-pub fn run(boot: &BootInfo, acpi: &Acpi) {
-    let cmdline = boot.cmdline.unwrap_or(&[]);
+/// Drives every virtio-blk function found on bus 0.
+pub fn run(pci: &Pci, cmdline: &[u8]) {
     let options = Options::parse(cmdline);
-    let pci = pci::discover(acpi, cmdline);
     let mut bench = options.bench_mib;
     let mut found = 0;
     for function in pci.functions() {
@@ -279,7 +279,7 @@ impl Disk {
             u8::from(device.has(virtio::F_INDIRECT_DESC)),
             u8::from(device.has(virtio::F_EVENT_IDX)),
         );
-        let queue = device.setup_queue()?;
+        let queue = device.setup_queue(0, DESC_PER_SLOT)?;
         device.driver_ok();
         let seg_bytes = match size_max {
             0 => DATA_BYTES,
@@ -623,15 +623,6 @@ fn fill_pattern(data: &mut [u8], sector: u64) {
     }
 }
 
-const FNV_OFFSET_BASIS: u64 = 0xcbf2_9ce4_8422_2325;
-
-/// Continues an FNV-1a 64 hash over `bytes`.
-fn fnv1a64_update(hash: u64, bytes: &[u8]) -> u64 {
-    bytes.iter().fold(hash, |hash, &b| {
-        (hash ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
-    })
-}
-
 /// `blk slot=N NAME sector=S count=C`.
 struct RangeHead(u8, &'static str, Range);
 
@@ -681,7 +672,7 @@ impl Disk {
     /// with the largest requests, all slots in flight, then
     /// [`BENCH_RANDOM_READS`] random 4 KiB reads in that range.
     fn bench(&mut self, mib: u64) {
-        report_tsc_khz();
+        io::report_tsc_khz();
         let chunk = self.request_bytes as u64 / SECTOR;
         let sectors = mib.saturating_mul(2048).min(self.capacity) / chunk * chunk;
         let requests = sectors / chunk;
@@ -770,34 +761,4 @@ impl Disk {
         }
         Ok(())
     }
-}
-
-/// Reports the TSC frequency if the CPU or hypervisor states it:
-/// `tsc_khz=N source=...` or `tsc_khz unknown`.
-fn report_tsc_khz() {
-    let hypervisor = io::cpuid(1, 0).ecx & (1 << 31) != 0;
-    if hypervisor && io::cpuid(0x4000_0000, 0).eax >= 0x4000_0010 {
-        let khz = io::cpuid(0x4000_0010, 0).eax;
-        if khz != 0 {
-            report!("tsc_khz={khz} source=hypervisor");
-            return;
-        }
-    }
-    let max_leaf = io::cpuid(0, 0).eax;
-    if max_leaf >= 0x15 {
-        let leaf = io::cpuid(0x15, 0);
-        if leaf.eax != 0 && leaf.ebx != 0 && leaf.ecx != 0 {
-            let khz = u64::from(leaf.ecx) * u64::from(leaf.ebx) / u64::from(leaf.eax) / 1000;
-            report!("tsc_khz={khz} source=cpuid15");
-            return;
-        }
-    }
-    if max_leaf >= 0x16 {
-        let mhz = io::cpuid(0x16, 0).eax & 0xffff;
-        if mhz != 0 {
-            report!("tsc_khz={} source=cpuid16", mhz * 1000);
-            return;
-        }
-    }
-    report!("tsc_khz unknown");
 }

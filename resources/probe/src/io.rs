@@ -1,4 +1,5 @@
-//! Raw CPU access: port I/O, MSRs, CPUID, the time-stamp counter and halting.
+//! Raw CPU access: port I/O, MSRs, CPUID, the time-stamp counter (and its
+//! rate, for benchmarks) and halting.
 
 use core::arch::asm;
 
@@ -118,4 +119,34 @@ pub fn tsc_mhz() -> u64 {
         }
     }
     GUESS_MHZ
+}
+
+/// Reports the TSC frequency if the CPU or hypervisor states it:
+/// `tsc_khz=N source=...` or `tsc_khz unknown`.
+pub fn report_tsc_khz() {
+    let hypervisor = cpuid(1, 0).ecx & (1 << 31) != 0;
+    if hypervisor && cpuid(0x4000_0000, 0).eax >= 0x4000_0010 {
+        let khz = cpuid(0x4000_0010, 0).eax;
+        if khz != 0 {
+            crate::report!("tsc_khz={khz} source=hypervisor");
+            return;
+        }
+    }
+    let max_leaf = cpuid(0, 0).eax;
+    if max_leaf >= 0x15 {
+        let leaf = cpuid(0x15, 0);
+        if leaf.eax != 0 && leaf.ebx != 0 && leaf.ecx != 0 {
+            let khz = u64::from(leaf.ecx) * u64::from(leaf.ebx) / u64::from(leaf.eax) / 1000;
+            crate::report!("tsc_khz={khz} source=cpuid15");
+            return;
+        }
+    }
+    if max_leaf >= 0x16 {
+        let mhz = cpuid(0x16, 0).eax & 0xffff;
+        if mhz != 0 {
+            crate::report!("tsc_khz={} source=cpuid16", mhz * 1000);
+            return;
+        }
+    }
+    crate::report!("tsc_khz unknown");
 }

@@ -1,8 +1,10 @@
 //! The probe guest: boots through PVH or the Linux 64-bit boot protocol and
 //! reports, one `probe: key=value` fact per line on COM1, what the VMM gave
 //! it (command line, memory map, initrd, ACPI tables, CPUs), starts every AP,
-//! then powers off through ACPI like Linux does, or does the test action
-//! named by `probe.action=` ([`action`]).
+//! drives the virtio-blk and virtio-net devices it finds on PCI bus 0 (the
+//! network test talks to the host: [`nettest`]), then powers off through
+//! ACPI like Linux does, or does the test action named by `probe.action=`
+//! ([`action`]).
 //!
 //! The two binaries (`probe-pvh`, `probe-linux64`) differ only in their ELF
 //! entry point and whether they carry the PVH ELF note.
@@ -13,9 +15,13 @@ pub mod acpi;
 pub mod action;
 pub mod blk;
 pub mod boot;
+pub mod inet;
 pub mod io;
+pub mod net;
+pub mod nettest;
 pub mod pci;
 pub mod phys;
+pub mod pit;
 pub mod power;
 pub mod pwrbtn;
 pub mod relaunch;
@@ -27,13 +33,20 @@ use action::Action;
 use boot::BootInfo;
 use serial::Quoted;
 
+/// FNV-1a 64-bit offset basis: the hash of no bytes.
+pub const FNV_OFFSET_BASIS: u64 = 0xcbf2_9ce4_8422_2325;
+
 /// FNV-1a 64-bit hash of `bytes`.
 pub fn fnv1a64(bytes: &[u8]) -> u64 {
-    const OFFSET_BASIS: u64 = 0xcbf2_9ce4_8422_2325;
+    fnv1a64_update(FNV_OFFSET_BASIS, bytes)
+}
+
+/// Continues an FNV-1a 64-bit hash over `bytes`.
+pub fn fnv1a64_update(hash: u64, bytes: &[u8]) -> u64 {
     const PRIME: u64 = 0x0000_0100_0000_01b3;
-    bytes.iter().fold(OFFSET_BASIS, |hash, &b| {
-        (hash ^ u64::from(b)).wrapping_mul(PRIME)
-    })
+    bytes
+        .iter()
+        .fold(hash, |hash, &b| (hash ^ u64::from(b)).wrapping_mul(PRIME))
 }
 
 /// Rust entry of the boot CPU, called by the boot assembly in long mode.
@@ -64,9 +77,13 @@ extern "C" fn probe_main(protocol: u32, info_addr: u64) -> ! {
     if pci_off {
         report!("pci skipped");
     } else {
-        blk::run(&boot, &acpi);
+        let cmdline = boot.cmdline.unwrap_or(&[]);
+        let pci = pci::discover(&acpi, cmdline);
+        blk::run(&pci, cmdline);
+        net::run(&pci, cmdline);
     }
     report_unclaimed_port();
+    pit::report();
     report!("done");
     action::run(Action::requested(&boot), &boot, &acpi)
 }

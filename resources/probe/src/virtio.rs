@@ -1,12 +1,16 @@
 //! virtio 1.x over PCI, modern transport only, driven the way Linux does:
 //! the vendor capabilities (common, notify, ISR, device configuration),
 //! reset and the status handshake, feature negotiation, MSI-X vectors aimed
-//! at the boot CPU's local APIC, and one split virtqueue with direct or
-//! indirect descriptor chains and EVENT_IDX. The probe polls the used ring
+//! at the boot CPU's local APIC, and up to [`MAX_QUEUES`] split virtqueues
+//! (by index: virtio-blk's queue 0; virtio-net's receive 0, transmit 1 and
+//! control 2), each with its own ring page and MSI-X entry, with direct or
+//! indirect descriptor chains and EVENT_IDX. The probe polls the used rings
 //! with interrupts off, but the device still gets real vectors to signal.
 //!
-//! Request memory is split into slots: slot `k` owns ring descriptors
-//! `k * DESC_PER_SLOT ..` and one indirect table, so no free list is needed.
+//! Each queue's request memory is split into slots of `desc_per_slot`
+//! descriptors (chosen per queue): slot `k` owns ring descriptors
+//! `k * desc_per_slot ..` and one indirect table of as many entries, so no
+//! free list is needed.
 
 use core::sync::atomic::{compiler_fence, fence, Ordering};
 
@@ -22,7 +26,7 @@ pub const F_EVENT_IDX: u64 = 1 << 29;
 /// virtio 1.x (modern) device.
 pub const F_VERSION_1: u64 = 1 << 32;
 /// Transport features the probe accepts when offered.
-const TRANSPORT_FEATURES: u64 = F_INDIRECT_DESC | F_EVENT_IDX | F_VERSION_1;
+pub const TRANSPORT_FEATURES: u64 = F_INDIRECT_DESC | F_EVENT_IDX | F_VERSION_1;
 
 // Device status bits.
 const STATUS_ACKNOWLEDGE: u8 = 1;
@@ -57,25 +61,25 @@ const CFG_NOTIFY: u8 = 2;
 const CFG_ISR: u8 = 3;
 const CFG_DEVICE: u8 = 4;
 
-// MSI-X: entry 0 for configuration changes, entry 1 for queue 0 (Linux).
+// MSI-X like Linux: entry 0 for configuration changes, entry 1 + i for
+// queue i; with too few entries the queues share entry 1.
 const MSIX_CONFIG_ENTRY: u16 = 0;
-const MSIX_QUEUE_ENTRY: u16 = 1;
-/// Local APIC vector of the configuration-change message.
+const MSIX_FIRST_QUEUE_ENTRY: u16 = 1;
+/// Local APIC vector of the configuration-change message; entry `e` gets
+/// vector `CONFIG_VECTOR + e` (queue 0: 0x41).
 pub const CONFIG_VECTOR: u32 = 0x40;
-/// Local APIC vector of the queue message.
-pub const QUEUE_VECTOR: u32 = 0x41;
 const MSI_ADDRESS: u32 = 0xfee0_0000;
 const NO_VECTOR: u16 = 0xffff;
 const MSIX_ENABLE: u16 = 1 << 15;
 const MSIX_MASK_ALL: u16 = 1 << 14;
 
-// Split virtqueue layout inside one page: descriptors, driver area,
-// device area, then the indirect tables.
-const QUEUE_MAX: u16 = 64;
-/// Descriptors (ring or indirect) each request slot owns.
-pub const DESC_PER_SLOT: u16 = 8;
-/// Most requests in flight.
-pub const MAX_SLOTS: usize = (QUEUE_MAX / DESC_PER_SLOT) as usize;
+/// Most virtqueues one device gets (virtio-net: receive, transmit, control).
+pub const MAX_QUEUES: usize = 3;
+// Split virtqueue layout inside one page per queue: descriptors, driver
+// area, device area, then the indirect tables (as many entries in all as
+// the ring has descriptors).
+/// Most entries the probe gives a queue.
+pub const QUEUE_MAX: u16 = 64;
 const DESC_SIZE: u64 = 16;
 const AVAIL_OFF: u64 = 0x400;
 const USED_OFF: u64 = 0x800;
@@ -89,9 +93,11 @@ const RESET_POLLS: u32 = 1_000_000;
 #[repr(C, align(4096))]
 struct RingPage([u8; 4096]);
 
-/// The one queue's memory (devices are driven one at a time and reset
+const EMPTY_RING_PAGE: RingPage = RingPage([0; 4096]);
+
+/// One page per queue index (devices are driven one at a time and reset
 /// before the next one starts).
-static mut RING_PAGE: RingPage = RingPage([0; 4096]);
+static mut RING_PAGES: [RingPage; MAX_QUEUES] = [EMPTY_RING_PAGE; MAX_QUEUES];
 
 /// Why a virtio device could not be set up.
 #[derive(Clone, Copy)]
@@ -108,8 +114,10 @@ pub enum VirtioError {
     NotModern,
     /// The device cleared FEATURES_OK.
     FeaturesRejected,
-    /// Queue 0 is missing or too small.
+    /// The queue is missing or too small (its maximum size).
     QueueSize(u16),
+    /// The probe has no ring memory for this queue index.
+    QueueIndex(u16),
 }
 
 impl core::fmt::Display for VirtioError {
@@ -122,6 +130,7 @@ impl core::fmt::Display for VirtioError {
             VirtioError::NotModern => f.write_str("no_version_1"),
             VirtioError::FeaturesRejected => f.write_str("features_rejected"),
             VirtioError::QueueSize(n) => write!(f, "queue_size={n}"),
+            VirtioError::QueueIndex(n) => write!(f, "queue_index={n}"),
         }
     }
 }
@@ -158,6 +167,18 @@ impl Device {
     /// negotiates `wanted` (plus the transport features the probe drives)
     /// up to FEATURES_OK; programs the MSI-X table.
     pub fn init(config: &Config, function: &Function, wanted: u64) -> Result<Device, VirtioError> {
+        Device::init_with(config, function, |offered| {
+            offered & (wanted | TRANSPORT_FEATURES)
+        })
+    }
+
+    /// As [`Device::init`], with the driver's features chosen by `select`
+    /// from what the device offers (for features that depend on others).
+    pub fn init_with(
+        config: &Config,
+        function: &Function,
+        select: impl FnOnce(u64) -> u64,
+    ) -> Result<Device, VirtioError> {
         let bdf = function.bdf;
         pci::enable(config, bdf);
         let caps = Caps::find(config, function)?;
@@ -190,12 +211,12 @@ impl Device {
         }
         device.add_status(STATUS_ACKNOWLEDGE);
         device.add_status(STATUS_DRIVER);
-        device.negotiate(wanted)?;
+        device.negotiate(select)?;
         device.setup_msix(config);
         Ok(device)
     }
 
-    fn negotiate(&mut self, wanted: u64) -> Result<(), VirtioError> {
+    fn negotiate(&mut self, select: impl FnOnce(u64) -> u64) -> Result<(), VirtioError> {
         let common = self.common;
         let mut offered = 0;
         for half in 0..2u32 {
@@ -207,7 +228,7 @@ impl Device {
             self.add_status(STATUS_FAILED);
             return Err(VirtioError::NotModern);
         }
-        self.negotiated = offered & (wanted | TRANSPORT_FEATURES);
+        self.negotiated = offered & select(offered);
         for half in 0..2u32 {
             common.write32(CC_DRIVER_FEATURE_SELECT, half);
             common.write32(CC_DRIVER_FEATURE, (self.negotiated >> (32 * half)) as u32);
@@ -232,9 +253,9 @@ impl Device {
     }
 
     /// Programs MSI-X like Linux: enable with the function masked, fill
-    /// the config and queue entries (fixed delivery to the boot CPU),
-    /// unmask the function, then point the configuration vector at its
-    /// entry.
+    /// the config entry and one entry per possible queue (fixed delivery to
+    /// the boot CPU, vector `CONFIG_VECTOR + entry`), unmask the function,
+    /// then point the configuration vector at its entry.
     fn setup_msix(&mut self, config: &Config) {
         let Some(Msix {
             table,
@@ -248,17 +269,13 @@ impl Device {
         let control = config.read16(self.bdf, cap + 2) & !MSIX_MASK_ALL;
         config.write16(self.bdf, cap + 2, control | MSIX_ENABLE | MSIX_MASK_ALL);
         let destination = io::apic_id() << 12;
-        for (entry, vector) in [
-            (MSIX_CONFIG_ENTRY, CONFIG_VECTOR),
-            (MSIX_QUEUE_ENTRY, QUEUE_VECTOR),
-        ] {
-            if entry < entries {
-                let at = u64::from(entry) * 16;
-                table.write32(at, MSI_ADDRESS | destination);
-                table.write32(at + 4, 0);
-                table.write32(at + 8, vector);
-                table.write32(at + 12, 0); // unmasked
-            }
+        let last = MSIX_FIRST_QUEUE_ENTRY + MAX_QUEUES as u16;
+        for entry in MSIX_CONFIG_ENTRY..last.min(entries) {
+            let at = u64::from(entry) * 16;
+            table.write32(at, MSI_ADDRESS | destination);
+            table.write32(at + 4, 0);
+            table.write32(at + 8, CONFIG_VECTOR + u32::from(entry));
+            table.write32(at + 12, 0); // unmasked
         }
         config.write16(self.bdf, cap + 2, control | MSIX_ENABLE);
         self.common
@@ -271,29 +288,38 @@ impl Device {
         );
     }
 
-    /// Sets up queue 0 (at most [`QUEUE_MAX`] entries) with its MSI-X
-    /// vector and enables it.
-    pub fn setup_queue(&mut self) -> Result<Queue, VirtioError> {
+    /// Sets up queue `index` (at most [`QUEUE_MAX`] entries, request slots
+    /// of `desc_per_slot` descriptors) with its MSI-X vector and enables it.
+    pub fn setup_queue(&mut self, index: u16, desc_per_slot: u16) -> Result<Queue, VirtioError> {
+        let base = ring_page(index).ok_or(VirtioError::QueueIndex(index))?;
         let common = self.common;
-        common.write16(CC_QUEUE_SELECT, 0);
+        common.write16(CC_QUEUE_SELECT, index);
         let max = common.read16(CC_QUEUE_SIZE);
         let size = prev_power_of_two(max.min(QUEUE_MAX));
-        if size < DESC_PER_SLOT {
+        let desc_per_slot = desc_per_slot.max(1);
+        if size < desc_per_slot {
             return Err(VirtioError::QueueSize(max));
         }
-        let base = ring_page();
-        // SAFETY: the ring page is only used by the one device being driven
-        // (the previous one was reset); zero it before the device sees it.
+        // SAFETY: the ring page is only used by this queue of the one device
+        // being driven (the previous one was reset); zero it before the
+        // device sees it.
         unsafe { core::ptr::write_bytes(base as *mut u8, 0, 4096) };
         common.write16(CC_QUEUE_SIZE, size);
         common.write64(CC_QUEUE_DESC, base);
         common.write64(CC_QUEUE_DRIVER, base + AVAIL_OFF);
         common.write64(CC_QUEUE_DEVICE, base + USED_OFF);
-        let vector = if self.msix.is_some() {
-            common.write16(CC_QUEUE_MSIX_VECTOR, MSIX_QUEUE_ENTRY);
-            vector_name(common.read16(CC_QUEUE_MSIX_VECTOR))
-        } else {
-            VectorName(None)
+        let vector = match self.msix {
+            Some(msix) => {
+                let own = MSIX_FIRST_QUEUE_ENTRY + index;
+                let entry = if own < msix.entries {
+                    own
+                } else {
+                    MSIX_FIRST_QUEUE_ENTRY
+                };
+                common.write16(CC_QUEUE_MSIX_VECTOR, entry);
+                vector_name(common.read16(CC_QUEUE_MSIX_VECTOR))
+            }
+            None => VectorName(None),
         };
         let notify_off = common.read16(CC_QUEUE_NOTIFY_OFF);
         let offset = u64::from(notify_off) * u64::from(self.notify_multiplier);
@@ -302,12 +328,14 @@ impl Device {
         }
         common.write16(CC_QUEUE_ENABLE, 1);
         report!(
-            "virtio slot={} queue=0 size={size} max={max} notify_off={notify_off} vector={vector}",
+            "virtio slot={} queue={index} size={size} max={max} notify_off={notify_off} vector={vector}",
             self.bdf.slot
         );
         Ok(Queue {
             base,
             size,
+            index,
+            desc_per_slot,
             notify: Mmio(self.notify.addr + offset),
             next_avail: 0,
             kicked_avail: 0,
@@ -362,8 +390,11 @@ fn prev_power_of_two(n: u16) -> u16 {
     }
 }
 
-fn ring_page() -> u64 {
-    core::ptr::addr_of_mut!(RING_PAGE) as u64
+/// The ring page of queue `index`, if the probe has one.
+fn ring_page(index: u16) -> Option<u64> {
+    let index = usize::from(index);
+    // SAFETY: only the address is taken (no reference is formed).
+    (index < MAX_QUEUES).then(|| unsafe { core::ptr::addr_of_mut!(RING_PAGES[index]) } as u64)
 }
 
 /// An MSI-X vector register read back: its entry, or `none` (0xffff: the
@@ -546,10 +577,13 @@ pub struct Used {
     pub len: u32,
 }
 
-/// Queue 0 of a device, split layout, polled.
+/// One queue of a device, split layout, polled.
 pub struct Queue {
     base: u64,
     size: u16,
+    /// Queue index (what a notification names).
+    index: u16,
+    desc_per_slot: u16,
     notify: Mmio,
     next_avail: u16,
     kicked_avail: u16,
@@ -563,7 +597,7 @@ pub struct Queue {
 impl Queue {
     /// How many request slots (requests in flight) the queue holds.
     pub fn slots(&self) -> usize {
-        usize::from(self.size / DESC_PER_SLOT).min(MAX_SLOTS)
+        usize::from(self.size / self.desc_per_slot)
     }
 
     /// Entries in the rings.
@@ -571,15 +605,20 @@ impl Queue {
         self.size
     }
 
-    /// Makes the chain `bufs` (at most [`DESC_PER_SLOT`]) available in
+    /// Whether indirect tables were negotiated.
+    pub fn indirect(&self) -> bool {
+        self.indirect
+    }
+
+    /// Makes the chain `bufs` (at most `desc_per_slot`) available in
     /// `slot`, through an indirect table when `indirect` is asked for and
     /// negotiated. The device sees it at the next [`Queue::kick`].
     pub fn add(&mut self, slot: usize, bufs: &[Buf], indirect: bool) {
-        let count = bufs.len().min(usize::from(DESC_PER_SLOT));
-        let head = slot as u16 * DESC_PER_SLOT;
+        let per_slot = self.desc_per_slot;
+        let count = bufs.len().min(usize::from(per_slot));
+        let head = (slot % self.slots()) as u16 * per_slot;
         if indirect && self.indirect {
-            let table =
-                self.base + INDIRECT_OFF + slot as u64 * u64::from(DESC_PER_SLOT) * DESC_SIZE;
+            let table = self.base + INDIRECT_OFF + u64::from(head) * DESC_SIZE;
             for (i, buf) in bufs[..count].iter().enumerate() {
                 let (flags, next) = chain_link(buf, i + 1 == count, i as u16 + 1);
                 write_desc(table + i as u64 * DESC_SIZE, buf.addr, buf.len, flags, next);
@@ -615,7 +654,7 @@ impl Queue {
             self.read_u16(self.base + USED_OFF) & USED_F_NO_NOTIFY == 0
         };
         if notify {
-            self.notify.write16(0, 0);
+            self.notify.write16(0, self.index);
             self.stats.notifies += 1;
         } else {
             self.stats.suppressed += 1;
@@ -638,8 +677,9 @@ impl Queue {
             let used_event = self.base + AVAIL_OFF + 4 + 2 * u64::from(self.size);
             self.write_u16(used_event, self.last_used);
         }
-        let valid = id < u32::from(self.size) && id.is_multiple_of(u32::from(DESC_PER_SLOT));
-        let slot = (id / u32::from(DESC_PER_SLOT)) as usize;
+        let per_slot = u32::from(self.desc_per_slot);
+        let valid = id < u32::from(self.size) && id.is_multiple_of(per_slot);
+        let slot = (id / per_slot) as usize;
         Some(Used {
             slot: (valid && slot < self.slots()).then_some(slot),
             len,
