@@ -9,6 +9,7 @@ command -v qemu-system-x86_64 >/dev/null || missing+=(qemu-system-x86)
 command -v iasl >/dev/null || missing+=(acpica-tools)
 command -v cpio >/dev/null || missing+=(cpio)
 command -v lzop >/dev/null || missing+=(lzop)
+{ command -v ping && command -v ip; } >/dev/null || missing+=(iputils-ping iproute2)
 if ((${#missing[@]})); then
     echo "install-host-deps: apt-get install ${missing[*]}" >&2
     apt-get update -qq

@@ -3,6 +3,7 @@ pub mod api;
 pub mod assets;
 pub mod bench;
 pub mod disk;
+pub mod net;
 pub mod probe;
 pub mod qemu;
 pub mod tiny;
