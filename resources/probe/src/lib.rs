@@ -22,6 +22,7 @@ pub mod nettest;
 pub mod pci;
 pub mod phys;
 pub mod pit;
+pub mod pit;
 pub mod power;
 pub mod pwrbtn;
 pub mod relaunch;
