@@ -22,7 +22,6 @@ pub mod nettest;
 pub mod pci;
 pub mod phys;
 pub mod pit;
-pub mod pit;
 pub mod power;
 pub mod pwrbtn;
 pub mod relaunch;
