@@ -85,3 +85,4 @@ pub trait VirtioDevice: Send {
 }
 
 pub mod block;
+pub mod fs;
