@@ -18,6 +18,7 @@ pub mod platform;
 pub mod regs;
 pub mod signals;
 pub mod vcpu;
+pub mod virtiofsd;
 pub mod vm;
 pub mod watch;
 pub mod writer;
