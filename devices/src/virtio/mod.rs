@@ -35,6 +35,11 @@ pub trait VirtioInterrupt: Send + Sync {
     fn queue_eventfd(&self, _queue: u16) -> Option<EventFd> {
         None
     }
+    /// Reports that the device stopped working until the driver resets
+    /// it (e.g. a ring the driver broke): the transport sets
+    /// DEVICE_NEEDS_RESET and raises the configuration interrupt. A
+    /// transport without that status bit has nothing to report it with.
+    fn set_needs_reset(&self) {}
 }
 
 /// Activation failed; the transport sets DEVICE_NEEDS_RESET / FAILED.

@@ -8,7 +8,8 @@
 //! (size a power of two up to the maximum, ring alignment, rings inside
 //! guest memory) when the driver sets DRIVER_OK. A bad setup, or a device
 //! that fails to activate, sets DEVICE_NEEDS_RESET and raises the
-//! configuration interrupt.
+//! configuration interrupt; so does a running device that reports it
+//! needs a reset (`VirtioInterrupt::set_needs_reset`).
 
 use virtio_bindings::virtio_config::{
     VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
@@ -119,11 +120,6 @@ impl CommonConfig {
         }
     }
 
-    /// The device status register.
-    pub(super) fn status(&self) -> u8 {
-        self.status
-    }
-
     fn selected(&self) -> Option<&QueueRegs> {
         self.queues.get(usize::from(self.queue_select))
     }
@@ -147,6 +143,17 @@ impl VirtioPciDevice {
     /// Features offered: the device's and VERSION_1.
     fn offered_features(&self) -> u64 {
         self.device.device_features() | 1 << VIRTIO_F_VERSION_1
+    }
+
+    /// The device status as the driver reads it: its own bits plus
+    /// DEVICE_NEEDS_RESET if the running device reported it.
+    pub(super) fn status_register(&self) -> u8 {
+        let reported = if self.interrupt.needs_reset() {
+            NEEDS_RESET
+        } else {
+            0
+        };
+        self.common.status | reported
     }
 
     /// The structure as bytes, for reads of any width.
@@ -178,7 +185,7 @@ impl VirtioPciDevice {
             &self.interrupt.config_vector().to_le_bytes(),
         );
         put(NUM_QUEUES, &(c.queues.len() as u16).to_le_bytes());
-        put(DEVICE_STATUS, &[c.status]);
+        put(DEVICE_STATUS, &[self.status_register()]);
         put(CONFIG_GENERATION, &[self.interrupt.config_generation()]);
         put(QUEUE_SELECT, &c.queue_select.to_le_bytes());
         if let Some(queue) = c.selected() {

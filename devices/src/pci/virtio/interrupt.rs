@@ -8,7 +8,7 @@
 //! queue's irqfd instead ([`VirtioInterrupt::queue_eventfd`]).
 
 use std::io;
-use std::sync::atomic::{AtomicU16, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU8, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use vmm_sys_util::eventfd::EventFd;
@@ -32,6 +32,8 @@ pub struct InterruptState {
     config_vector: AtomicU16,
     queue_vectors: Vec<AtomicU16>,
     config_generation: AtomicU8,
+    /// The device reported it needs a reset while running.
+    needs_reset: AtomicBool,
 }
 
 impl InterruptState {
@@ -45,6 +47,7 @@ impl InterruptState {
             config_vector: AtomicU16::new(NO_VECTOR),
             queue_vectors: (0..queues).map(|_| AtomicU16::new(NO_VECTOR)).collect(),
             config_generation: AtomicU8::new(0),
+            needs_reset: AtomicBool::new(false),
         }
     }
 
@@ -110,6 +113,12 @@ impl InterruptState {
             vector.store(NO_VECTOR, Ordering::Release);
         }
         self.isr.store(0, Ordering::Release);
+        self.needs_reset.store(false, Ordering::Release);
+    }
+
+    /// Whether the device reported, since the last reset, that it needs one.
+    pub fn needs_reset(&self) -> bool {
+        self.needs_reset.load(Ordering::Acquire)
     }
 }
 
@@ -148,6 +157,14 @@ impl VirtioInterrupt for InterruptState {
             return None;
         }
         self.msix().irqfd(vector)
+    }
+
+    fn set_needs_reset(&self) {
+        if !self.needs_reset.swap(true, Ordering::AcqRel) {
+            // Nothing more can be done if the vector cannot be raised; the
+            // driver still sees the status bit when it next reads it.
+            let _ = self.trigger(InterruptKind::Config);
+        }
     }
 }
 

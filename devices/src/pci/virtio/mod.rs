@@ -204,9 +204,9 @@ impl VirtioPciDevice {
         self.device.as_ref()
     }
 
-    /// The device status register as the driver last left it.
+    /// The device status register as the driver reads it.
     pub fn device_status(&self) -> u8 {
-        self.common.status()
+        self.status_register()
     }
 
     fn read_region(&mut self, offset: u64, data: &mut [u8]) {

@@ -452,6 +452,39 @@ fn bad_queue_setup_needs_reset_and_raises_the_config_vector() {
 }
 
 #[test]
+fn a_running_device_can_report_that_it_needs_a_reset() {
+    let mut f = fixture();
+    enable_msix(&mut f);
+    f.negotiate(F_VERSION_1);
+    f.write(0x10, 2, 2);
+    f.setup_queue(0, 8, 0x1_0000);
+    f.set_status(ACK | DRIVER | FEATURES_OK | DRIVER_OK);
+    let live = ACK | DRIVER | FEATURES_OK | DRIVER_OK;
+    assert_eq!(f.status(), live);
+    f.router.take();
+    let interrupt = f.log().interrupt.clone().unwrap();
+    interrupt.set_needs_reset();
+    interrupt.set_needs_reset();
+    assert_eq!(f.status(), live | NEEDS_RESET);
+    assert_eq!(f.dev.device_status(), live | NEEDS_RESET);
+    assert_eq!(
+        f.router.take(),
+        vec![RouterEvent::Signal(2)],
+        "one config interrupt"
+    );
+    assert_eq!(f.read(ISR_OFFSET, 1), 2, "config change in the ISR");
+    assert_eq!(f.read(0x15, 1), 1, "config generation moved");
+    // The driver's reset clears it; a second life starts clean.
+    f.set_status(0);
+    assert_eq!(f.status(), 0);
+    f.negotiate(F_VERSION_1);
+    f.setup_queue(0, 8, 0x1_0000);
+    f.set_status(ACK | DRIVER | FEATURES_OK | DRIVER_OK);
+    assert_eq!(f.status(), live);
+    assert_eq!(f.log().activations.len(), 2);
+}
+
+#[test]
 fn device_interrupts_use_the_programmed_vectors_and_respect_masks() {
     let mut f = fixture();
     enable_msix(&mut f);
@@ -519,7 +552,10 @@ fn queue_irqfds_reach_the_device_and_replay_after_a_mask() {
     f.setup_queue(1, 8, 0x1_0000);
     f.set_status(ACK | DRIVER | FEATURES_OK | DRIVER_OK);
     let interrupt = f.log().interrupt.clone().unwrap();
-    assert!(interrupt.queue_eventfd(0).is_none(), "queue 0 has no vector");
+    assert!(
+        interrupt.queue_eventfd(0).is_none(),
+        "queue 0 has no vector"
+    );
     let direct = interrupt.queue_eventfd(1).unwrap();
     direct.write(1).unwrap();
     assert_eq!(irqfd.read().unwrap(), 1, "the backend raises vector 2");
