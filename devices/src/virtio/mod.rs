@@ -91,3 +91,4 @@ pub trait VirtioDevice: Send {
 
 pub mod block;
 pub mod fs;
+pub mod net;
