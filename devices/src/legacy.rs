@@ -1,8 +1,10 @@
 //! Legacy PC platform devices on port I/O: the COM1 UART, the i8042
 //! controller (reset line), the CMOS/RTC, the ACPI power-management block,
 //! the ACPI Generic Event Device's event register (power button)
-//! and a sink for ports nobody answers (POST codes). This module owns the
-//! byte-wide register access rule they all share.
+//! and a sink for ports nobody answers (POST codes) — plus the I/O APIC
+//! (memory-mapped, 32-bit registers, [`ioapic`]) for KVM's split irqchip.
+//! This module owns the byte-wide register access rule the port devices
+//! share.
 //!
 //! All of these devices have 8-bit registers. A wider access is split into
 //! byte accesses at consecutive offsets, as the ISA bus does for 8-bit
@@ -14,6 +16,7 @@ pub mod cmos;
 pub mod ged;
 pub mod i8042;
 pub mod ignored;
+pub mod ioapic;
 pub mod serial;
 
 pub use acpi_pm::AcpiPm;
@@ -21,6 +24,7 @@ pub use cmos::{Cmos, SystemClock, WallClock};
 pub use ged::Ged;
 pub use i8042::I8042;
 pub use ignored::Ignored;
+pub use ioapic::IoApic;
 pub use serial::{ObservedWriter, Serial, SerialError};
 
 /// Value read from an offset no register answers at.

@@ -385,6 +385,8 @@ fn zvmm_and_qemu_microvm_agree() {
     assert_eq!(theirs.aps_online(), ours.aps_online(), "{context}");
     assert_eq!(theirs.smp(), ours.smp(), "{context}");
     assert_eq!(theirs.port_value(UNCLAIMED_PORT), Some(0xff), "{context}");
+    // QEMU's microvm has an i8254 by default: the probe's PIT check works.
+    assert_eq!(theirs.pit_present(), Some(true), "{context}");
     for report in [ours, &theirs] {
         assert!(report.finished() && !report.poweroff_failed(), "{context}");
         assert_eq!(report.poweroff().map(|p| p.slp_typ), Some(5), "{context}");

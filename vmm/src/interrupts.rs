@@ -1,11 +1,15 @@
-//! KVM interrupt routing: the GSI routing table (the in-kernel IOAPIC and
-//! PIC pins, which KVM forgets once a table is set, plus one MSI route per
-//! device vector) and the irqfd behind each MSI route, so a device raises
-//! an MSI with one eventfd write and no exit.
+//! KVM interrupt routing: the GSI routing table and the irqfd behind each
+//! MSI route, so a device raises an interrupt with one eventfd write and
+//! no exit. With the full in-kernel irqchip the table starts with the
+//! IOAPIC and PIC pins (which KVM forgets once a table is set); with the
+//! split irqchip, GSIs 0-23 are the user-space I/O APIC's pins, each an MSI
+//! route that follows the guest's redirection entry ([`IoApicPins`]). Device
+//! vectors (MSI-X) get GSIs from 24 up.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
+use devices::pci::{MsiMessage, MsiRouter};
 use kvm_bindings::{
     kvm_irq_routing_entry, kvm_irq_routing_entry__bindgen_ty_1, kvm_irq_routing_irqchip,
     kvm_irq_routing_msi, KvmIrqRouting, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
@@ -58,6 +62,7 @@ struct Table {
 /// The VM's GSI routing table.
 pub struct InterruptRouting {
     vm: Arc<VmFd>,
+    in_kernel_pins: bool,
     table: Mutex<Table>,
 }
 
@@ -70,10 +75,12 @@ pub struct MsiVector {
 }
 
 impl InterruptRouting {
-    /// Installs the default IOAPIC/PIC routes.
+    /// The routing of a VM with the full in-kernel irqchip: installs the
+    /// default IOAPIC/PIC routes.
     pub fn new(vm: Arc<VmFd>) -> Result<Self, InterruptError> {
         let routing = Self {
             vm,
+            in_kernel_pins: true,
             table: Mutex::new(Table {
                 next_gsi: FIRST_MSI_GSI,
                 msi: BTreeMap::new(),
@@ -81,6 +88,20 @@ impl InterruptRouting {
         };
         routing.commit()?;
         Ok(routing)
+    }
+
+    /// The routing of a VM with the split irqchip: GSIs 0-23 are reserved
+    /// for the user-space I/O APIC's pins, unrouted until the guest
+    /// unmasks them. Nothing is sent to KVM yet (its table starts empty).
+    pub fn split(vm: Arc<VmFd>) -> Self {
+        Self {
+            vm,
+            in_kernel_pins: false,
+            table: Mutex::new(Table {
+                next_gsi: FIRST_MSI_GSI,
+                msi: (0..IOAPIC_PINS).map(|pin| (pin, None)).collect(),
+            }),
+        }
     }
 
     /// Allocates a GSI with an irqfd; it delivers nothing until routed.
@@ -123,7 +144,7 @@ impl InterruptRouting {
     }
 
     fn commit(&self) -> Result<(), InterruptError> {
-        let entries = routing_entries(&self.lock().msi);
+        let entries = routing_entries(self.in_kernel_pins, &self.lock().msi);
         let mut routing = KvmIrqRouting::new(0).map_err(|_| InterruptError::Exhausted)?;
         for entry in entries {
             routing.push(entry).map_err(|_| InterruptError::Exhausted)?;
@@ -137,7 +158,10 @@ impl InterruptRouting {
 }
 
 /// The full routing table: PIC and IOAPIC pins, then routed MSIs.
-fn routing_entries(msi: &BTreeMap<u32, Option<MsiRoute>>) -> Vec<kvm_irq_routing_entry> {
+fn routing_entries(
+    in_kernel_pins: bool,
+    msi: &BTreeMap<u32, Option<MsiRoute>>,
+) -> Vec<kvm_irq_routing_entry> {
     let irqchip = |gsi: u32, chip: u32, pin: u32| kvm_irq_routing_entry {
         gsi,
         type_: KVM_IRQ_ROUTING_IRQCHIP,
@@ -147,7 +171,7 @@ fn routing_entries(msi: &BTreeMap<u32, Option<MsiRoute>>) -> Vec<kvm_irq_routing
         ..Default::default()
     };
     let mut entries = Vec::new();
-    for gsi in 0..16 {
+    for gsi in (0..16).filter(|_| in_kernel_pins) {
         let chip = if gsi < 8 {
             KVM_IRQCHIP_PIC_MASTER
         } else {
@@ -155,7 +179,7 @@ fn routing_entries(msi: &BTreeMap<u32, Option<MsiRoute>>) -> Vec<kvm_irq_routing
         };
         entries.push(irqchip(gsi, chip, gsi % 8));
     }
-    for gsi in 0..IOAPIC_PINS {
+    for gsi in (0..IOAPIC_PINS).filter(|_| in_kernel_pins) {
         entries.push(irqchip(gsi, KVM_IRQCHIP_IOAPIC, gsi));
     }
     for (&gsi, route) in msi {
@@ -178,13 +202,51 @@ fn routing_entries(msi: &BTreeMap<u32, Option<MsiRoute>>) -> Vec<kvm_irq_routing
     entries
 }
 
+/// The user-space I/O APIC's side of the routing (split irqchip): pin `n`
+/// is GSI `n`, routed as the MSI its redirection entry describes.
+pub struct IoApicPins(pub Arc<InterruptRouting>);
+
+impl MsiRouter for IoApicPins {
+    fn route(&self, pin: u16, message: Option<MsiMessage>) -> std::io::Result<()> {
+        let route = message.map(|m| MsiRoute {
+            address: m.address,
+            data: m.data,
+        });
+        self.0
+            .set_msi_route(u32::from(pin), route)
+            .map_err(|e| std::io::Error::other(e.to_string()))
+    }
+
+    fn signal(&self, pin: u16) -> std::io::Result<()> {
+        Err(std::io::Error::other(format!(
+            "I/O APIC pin {pin} is raised by its device's irqfd"
+        )))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
+    fn split_tables_hold_only_the_routed_pins() {
+        let mut msi: BTreeMap<u32, Option<MsiRoute>> = (0..24).map(|pin| (pin, None)).collect();
+        assert!(routing_entries(false, &msi).is_empty());
+        msi.insert(
+            4,
+            Some(MsiRoute {
+                address: 0xfee0_0000,
+                data: 0x24,
+            }),
+        );
+        let entries = routing_entries(false, &msi);
+        assert_eq!(entries.len(), 1);
+        assert_eq!((entries[0].gsi, entries[0].type_), (4, KVM_IRQ_ROUTING_MSI));
+    }
+
+    #[test]
     fn default_table_routes_pic_and_ioapic_pins() {
-        let entries = routing_entries(&BTreeMap::new());
+        let entries = routing_entries(true, &BTreeMap::new());
         assert_eq!(entries.len(), 16 + 24);
         assert!(entries.iter().all(|e| e.type_ == KVM_IRQ_ROUTING_IRQCHIP));
         // SAFETY: irqchip entries carry the irqchip union member.
@@ -210,7 +272,7 @@ mod tests {
                 data: 0x4041,
             }),
         );
-        let entries = routing_entries(&msi);
+        let entries = routing_entries(true, &msi);
         let routed: Vec<_> = entries
             .iter()
             .filter(|e| e.type_ == KVM_IRQ_ROUTING_MSI)

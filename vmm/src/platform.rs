@@ -1,5 +1,6 @@
-//! The PC platform around the vCPUs: in-kernel interrupt controllers and
-//! (on request) the PIT, the legacy devices on the port-I/O bus (COM1, i8042, CMOS/RTC, the
+//! The PC platform around the vCPUs: the interrupt controllers (KVM's
+//! split irqchip by default, the full in-kernel one with the PIT on
+//! request), the legacy devices on the port-I/O bus (COM1, i8042, CMOS/RTC, the
 //! ACPI power-management block, the POST port) with their interrupt lines,
 //! and the matching list of devices for the ACPI tables.
 
@@ -11,7 +12,7 @@ use devices::legacy::cmos::Cmos;
 use devices::legacy::i8042::I8042;
 use devices::legacy::ignored::Ignored;
 use devices::legacy::serial::Serial;
-use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{kvm_enable_cap, kvm_pit_config, KVM_CAP_SPLIT_IRQCHIP, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::VmFd;
 use loader::acpi::{AcpiPlatform, PlatformDevice};
 use loader::layout::{self, ports};
@@ -44,15 +45,48 @@ fn kvm_error(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> PlatformEr
     move |source| PlatformError::Kvm { what, source }
 }
 
-/// Creates the in-kernel IOAPIC, PICs and LAPICs, and the PIT when `pit`.
-pub fn create_interrupt_controllers(vm: &VmFd, pit: bool) -> Result<(), PlatformError> {
+/// Which interrupt controllers KVM emulates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IrqchipMode {
+    /// KVM's split irqchip: local APICs in the kernel, the I/O APIC in
+    /// zvmm (`devices::legacy::IoApic`), no 8259 PICs. The default: the
+    /// full in-kernel irqchip registers devices whose removal makes VM
+    /// start-up or teardown wait ~8 ms for an SRCU grace period on this
+    /// kind of host (see docs/DESIGN.md).
+    Split,
+    /// KVM's full in-kernel irqchip (PICs, I/O APIC, local APICs) plus
+    /// the i8254 PIT, which needs it (`--pit on`).
+    InKernelWithPit,
+}
+
+impl IrqchipMode {
+    /// The mode for a VM that wants a PIT or not.
+    pub fn for_pit(pit: bool) -> Self {
+        if pit {
+            IrqchipMode::InKernelWithPit
+        } else {
+            IrqchipMode::Split
+        }
+    }
+}
+
+/// Creates the interrupt controllers of `mode` (before any vCPU).
+pub fn create_interrupt_controllers(vm: &VmFd, mode: IrqchipMode) -> Result<(), PlatformError> {
     vm.set_tss_address(layout::KVM_TSS_START as usize)
         .map_err(kvm_error("place its TSS"))?;
+    if mode == IrqchipMode::Split {
+        let mut split = kvm_enable_cap {
+            cap: KVM_CAP_SPLIT_IRQCHIP,
+            ..Default::default()
+        };
+        split.args[0] = u64::from(layout::IOAPIC_NUM_PINS);
+        return crate::kernel_time::timed("KVM_ENABLE_CAP(SPLIT_IRQCHIP)", || {
+            vm.enable_cap(&split)
+        })
+        .map_err(kvm_error("split its irqchip"));
+    }
     crate::kernel_time::timed("KVM_CREATE_IRQCHIP", || vm.create_irq_chip())
         .map_err(kvm_error("create the in-kernel irqchip"))?;
-    if !pit {
-        return Ok(());
-    }
     let pit = kvm_pit_config {
         flags: KVM_PIT_SPEAKER_DUMMY,
         ..Default::default()
@@ -130,6 +164,7 @@ pub fn create_platform(
         serial,
         acpi: AcpiPlatform {
             cpus,
+            legacy_pic: true,
             devices: acpi_devices,
         },
     })

@@ -246,6 +246,9 @@ impl Vcpu {
                 None
             }
             VcpuExit::Intr => None,
+            // Split irqchip: the user-space I/O APIC holds no Remote IRR
+            // (every input is edge-triggered), so an EOI needs nothing.
+            VcpuExit::IoapicEoi(_) => None,
             VcpuExit::Shutdown => Some(StopReason::TripleFault { vcpu: index }),
             VcpuExit::SystemEvent(kind, _) => Some(match kind {
                 KVM_SYSTEM_EVENT_SHUTDOWN => StopReason::PowerOff,

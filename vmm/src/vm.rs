@@ -10,7 +10,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use devices::legacy::Ged;
+use devices::legacy::ioapic::IOAPIC_WINDOW;
+use devices::legacy::{Ged, IoApic};
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
@@ -29,11 +30,11 @@ use crate::control::{
     Command, Control, ControlError, Counters, Reply, Request, StopReport, VmEvent, VmState,
 };
 use crate::cpuid::build_cpuid;
-use crate::interrupts::InterruptRouting;
+use crate::interrupts::{InterruptRouting, IoApicPins};
 use crate::lifecycle::{Lifecycle, StopReason};
 use crate::memory::{create_guest_ram, register_guest_ram, GuestRam};
 use crate::pci::create_pci;
-use crate::platform::{create_interrupt_controllers, create_platform, Platform};
+use crate::platform::{create_interrupt_controllers, create_platform, IrqchipMode, Platform};
 use crate::regs::{self, EntryMode};
 use crate::signals;
 use crate::vcpu::{install_kick_handler, PauseGate, Vcpu, VcpuHandle};
@@ -439,6 +440,11 @@ fn check_capabilities(kvm: &Kvm, pit: bool) -> Result<(), VmError> {
     if pit && !kvm.check_extension(Cap::Pit2) {
         return Err(VmError::MissingCapability("the in-kernel PIT (--pit on)"));
     }
+    if !pit && !kvm.check_extension(Cap::SplitIrqchip) {
+        return Err(VmError::MissingCapability(
+            "the split irqchip (use --pit on for the full in-kernel one)",
+        ));
+    }
     Ok(())
 }
 
@@ -489,8 +495,12 @@ impl Machine {
         let vm = crate::kernel_time::timed("KVM_CREATE_VM", || kvm.create_vm())
             .map_err(kvm_error("create a VM"))?;
         let vm = Arc::new(vm);
-        create_interrupt_controllers(&vm, config.pit)?;
-        let routing = Arc::new(InterruptRouting::new(vm.clone())?);
+        let irqchip = IrqchipMode::for_pit(config.pit);
+        create_interrupt_controllers(&vm, irqchip)?;
+        let routing = Arc::new(match irqchip {
+            IrqchipMode::Split => InterruptRouting::split(vm.clone()),
+            IrqchipMode::InKernelWithPit => InterruptRouting::new(vm.clone())?,
+        });
         let ram_size = config.memory.size;
         let ram = create_guest_ram(ram_size, config.memory.shared)?;
         register_guest_ram(&vm, &ram)?;
@@ -498,6 +508,13 @@ impl Machine {
         let mut platform = create_platform(&vm, cpus, ram_size, output, lifecycle)?;
         let power_button = add_power_button(&vm, &mut platform)?;
         let mut mmio = Bus::new();
+        if irqchip == IrqchipMode::Split {
+            let pins = Arc::new(IoApicPins(routing.clone()));
+            let ioapic = Arc::new(Mutex::new(IoApic::new(pins)));
+            mmio.insert(ioapic, layout::IOAPIC_START, IOAPIC_WINDOW)
+                .map_err(crate::platform::PlatformError::Bus)?;
+            platform.acpi.legacy_pic = false;
+        }
         let pci = create_pci(
             &vm,
             &routing,

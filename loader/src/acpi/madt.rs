@@ -14,7 +14,8 @@ use crate::layout;
 
 /// MADT revision of ACPI 6.3/6.4.
 const MADT_REVISION: u8 = 5;
-/// Flags: the platform also has dual 8259 PICs (KVM's in-kernel PIC).
+/// Flags: the platform also has dual 8259 PICs (KVM's in-kernel PIC,
+/// present only with the full in-kernel irqchip).
 const PCAT_COMPAT: u32 = 1;
 /// Local APIC address as the 32-bit MADT field.
 const LOCAL_APIC_ADDRESS: u32 = layout::APIC_START as u32;
@@ -70,8 +71,8 @@ fn local_apic_nmi() -> Vec<u8> {
     entry
 }
 
-/// Builds the MADT for `cpus` vCPUs.
-pub(super) fn build(cpus: u8) -> Result<Vec<u8>, AcpiError> {
+/// Builds the MADT for `cpus` vCPUs; `legacy_pic` sets PCAT_COMPAT.
+pub(super) fn build(cpus: u8, legacy_pic: bool) -> Result<Vec<u8>, AcpiError> {
     if cpus == 0 {
         return Err(AcpiError::NoCpus);
     }
@@ -85,7 +86,7 @@ pub(super) fn build(cpus: u8) -> Result<Vec<u8>, AcpiError> {
         OEM_REVISION,
     );
     madt.write_u32(HEADER_LEN, LOCAL_APIC_ADDRESS);
-    madt.write_u32(HEADER_LEN + 4, PCAT_COMPAT);
+    madt.write_u32(HEADER_LEN + 4, if legacy_pic { PCAT_COMPAT } else { 0 });
     for id in 0..cpus {
         madt.append_slice(&local_apic(id, id));
     }
@@ -115,8 +116,15 @@ mod tests {
     }
 
     #[test]
+    fn pcat_compat_only_with_the_legacy_pic() {
+        let flags = |madt: &[u8]| u32::from_le_bytes(madt[40..44].try_into().unwrap());
+        assert_eq!(flags(&build(1, true).unwrap()), PCAT_COMPAT);
+        assert_eq!(flags(&build(1, false).unwrap()), 0);
+    }
+
+    #[test]
     fn header_and_checksum() {
-        let madt = build(4).unwrap();
+        let madt = build(4, true).unwrap();
         assert_eq!(&madt[..4], b"APIC");
         assert_eq!(madt[8], 5);
         assert_eq!(
@@ -136,7 +144,7 @@ mod tests {
     #[test]
     fn one_enabled_local_apic_per_cpu() {
         for cpus in [1u8, 2, 255] {
-            let madt = build(cpus).unwrap();
+            let madt = build(cpus, true).unwrap();
             let lapics: Vec<_> = entries(&madt)
                 .into_iter()
                 .filter(|(t, _)| *t == TYPE_LOCAL_APIC)
@@ -151,7 +159,7 @@ mod tests {
 
     #[test]
     fn has_the_ioapic_and_nmi() {
-        let madt = build(2).unwrap();
+        let madt = build(2, true).unwrap();
         let entries = entries(&madt);
         let ioapics: Vec<_> = entries.iter().filter(|(t, _)| *t == TYPE_IO_APIC).collect();
         assert_eq!(ioapics.len(), 1);
@@ -172,7 +180,7 @@ mod tests {
 
     #[test]
     fn pit_override_matches_the_routing() {
-        let madt = build(1).unwrap();
+        let madt = build(1, true).unwrap();
         let overrides: Vec<_> = entries(&madt)
             .into_iter()
             .filter(|(t, _)| *t == TYPE_SOURCE_OVERRIDE)
@@ -192,6 +200,6 @@ mod tests {
 
     #[test]
     fn zero_cpus_is_an_error() {
-        assert!(matches!(build(0), Err(AcpiError::NoCpus)));
+        assert!(matches!(build(0, true), Err(AcpiError::NoCpus)));
     }
 }

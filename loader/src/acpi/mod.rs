@@ -26,6 +26,8 @@ use crate::layout;
 pub struct AcpiPlatform {
     /// Number of vCPUs; vCPU `i` has local APIC ID and ACPI processor UID `i`.
     pub cpus: u8,
+    /// The platform has dual 8259 PICs (MADT flag PCAT_COMPAT).
+    pub legacy_pic: bool,
     /// Platform devices declared in the DSDT, in this order.
     pub devices: Vec<PlatformDevice>,
 }
@@ -255,7 +257,7 @@ fn build_tables(
     end: u64,
 ) -> Result<Vec<PlacedTable>, AcpiError> {
     let dsdt = dsdt::build(&platform.devices)?;
-    let madt = madt::build(platform.cpus)?;
+    let madt = madt::build(platform.cpus, platform.legacy_pic)?;
     let extra: Vec<Vec<u8>> = pci::mcfg(&platform.devices).into_iter().collect();
     let xsdt_entries = 2 + extra.len();
 
@@ -346,6 +348,7 @@ mod tests {
     fn platform(cpus: u8) -> AcpiPlatform {
         AcpiPlatform {
             cpus,
+            legacy_pic: true,
             devices: legacy_devices(),
         }
     }
