@@ -4,7 +4,7 @@
 //! (handed over at DRIVER_OK, taken back at reset).
 
 use std::io;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -95,7 +95,9 @@ pub enum FsError {
         socket: String,
     },
     /// More request queues asked for than the backend serves.
-    #[error("virtio-fs backend {socket} serves {supported} request queues, not {requested}")]
+    #[error(
+        "virtio-fs backend {socket} serves at most {supported} request queue(s), not {requested}"
+    )]
     TooManyQueues {
         /// The socket path.
         socket: String,
@@ -230,6 +232,7 @@ struct Counters {
 /// A virtio-fs device served by a vhost-user backend.
 pub struct Fs {
     id: String,
+    socket: PathBuf,
     queue_sizes: Vec<u16>,
     avail_features: u64,
     acked_features: u64,
@@ -287,6 +290,7 @@ impl Fs {
         }
         Ok(Fs {
             id,
+            socket: config.socket.clone(),
             queue_sizes: vec![config.queue_size; usize::from(queues)],
             avail_features: offered_features(connection.backend_features()),
             acked_features: 0,
@@ -306,8 +310,8 @@ impl Fs {
     }
 
     /// The backend's socket.
-    pub fn socket(&self) -> PathBuf {
-        PathBuf::from(&self.shared.socket)
+    pub fn socket(&self) -> &Path {
+        &self.socket
     }
 
     /// Whether the backend is gone (the device can no longer activate).

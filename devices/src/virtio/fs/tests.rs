@@ -258,6 +258,7 @@ fn negotiation_offers_the_backends_ring_features() {
     fs.read_config(u64::MAX, &mut beyond);
     assert_eq!(beyond, [0, 0]);
     assert_eq!(fs.id(), "fs0");
+    assert_eq!(fs.socket(), daemon.socket);
     assert!(!fs.backend_lost());
 }
 
@@ -270,7 +271,7 @@ fn more_request_queues_than_the_backend_serves_are_refused() {
     assert_eq!(
         err.to_string(),
         format!(
-            "virtio-fs backend {} serves 1 request queues, not 2",
+            "virtio-fs backend {} serves at most 1 request queue(s), not 2",
             daemon.socket.display()
         )
     );
