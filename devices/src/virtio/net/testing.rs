@@ -257,21 +257,31 @@ pub fn in_netns<T: Send + 'static>(body: impl FnOnce() -> T + Send + 'static) ->
 }
 
 /// CPU time (user + system, in clock ticks) of this process's thread
-/// named `name`.
+/// named `name` (waiting up to 10 s for a new thread to take its name).
 pub fn thread_cpu_ticks(name: &str) -> u64 {
-    for task in std::fs::read_dir("/proc/self/task").unwrap() {
-        let path = task.unwrap().path();
+    let mut ticks = None;
+    wait_until(&format!("a thread named {name}"), || {
+        ticks = find_thread_ticks(name);
+        ticks.is_some()
+    });
+    ticks.unwrap_or_default()
+}
+
+fn find_thread_ticks(name: &str) -> Option<u64> {
+    for task in std::fs::read_dir("/proc/self/task").ok()? {
+        let path = task.ok()?.path();
         let comm = std::fs::read_to_string(path.join("comm")).unwrap_or_default();
         if comm.trim_end() != name {
             continue;
         }
-        let stat = std::fs::read_to_string(path.join("stat")).unwrap();
+        let stat = std::fs::read_to_string(path.join("stat")).ok()?;
         // Fields after the parenthesised name: state is field 3, utime 14.
-        let rest = &stat[stat.rfind(')').unwrap() + 2..];
+        let rest = &stat[stat.rfind(')')? + 2..];
         let fields: Vec<&str> = rest.split(' ').collect();
-        return fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+        let field = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok());
+        return Some(field(11)? + field(12)?);
     }
-    panic!("no thread named {name}");
+    None
 }
 
 /// Polls `done` for up to 10 s.
