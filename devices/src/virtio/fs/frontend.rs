@@ -34,6 +34,10 @@ use crate::virtio::{GuestMemory, VIRTIO_F_VERSION_1};
 /// How long the handshake, an activation or a reset may take.
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Queues a backend without MQ serves: the high-priority queue and one
+/// request queue, the virtio-fs minimum.
+const QUEUES_WITHOUT_MQ: u64 = 2;
+
 /// Protocol features zvmm uses when the backend offers them: several
 /// queues (MQ, needed for GET_QUEUE_NUM), acknowledged requests, and
 /// RESET_DEVICE so a guest reset also clears the backend's FUSE state.
@@ -68,11 +72,11 @@ impl Connection {
     /// Negotiates for `queues` queues on `stream`, connected to `socket`.
     pub fn new(stream: UnixStream, socket: &Path, queues: u16) -> Result<Connection, FsError> {
         let mut connection = Connection {
-            frontend: Frontend::from_stream(stream, u64::from(queues)),
+            frontend: Frontend::from_stream(stream, QUEUES_WITHOUT_MQ),
             socket: socket.to_path_buf(),
             features: 0,
             protocol: VhostUserProtocolFeatures::empty(),
-            queue_num: u64::from(queues),
+            queue_num: QUEUES_WITHOUT_MQ,
         };
         connection.negotiate(queues)?;
         Ok(connection)

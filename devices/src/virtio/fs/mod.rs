@@ -25,7 +25,7 @@
 //! of VERSION_1, EVENT_IDX and INDIRECT_DESC), GET/SET_PROTOCOL_FEATURES
 //! (MQ, REPLY_ACK and RESET_DEVICE when offered; no CONFIG, the tag is
 //! ours; no BACKEND_REQ, so no DAX window), GET_QUEUE_NUM (refusing more
-//! request queues than the backend serves).
+//! request queues than the backend serves; without MQ it serves one).
 //!
 //! Reset: SET_VRING_ENABLE 0 and GET_VRING_BASE on each queue (the backend
 //! stops the ring), RESET_DEVICE when negotiated, and the kick eventfds go

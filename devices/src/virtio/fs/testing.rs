@@ -244,3 +244,72 @@ pub fn wait_used(vq: &MockSplitQueue<'_, GuestMemory>, used: u16) {
         std::thread::sleep(Duration::from_millis(1));
     }
 }
+
+/// A scripted vhost-user peer answering the handshake with the given
+/// virtio features, protocol features and queue count, then holding the
+/// connection until the frontend closes it.
+pub struct FakeBackend {
+    _dir: TempDir,
+    /// Its socket.
+    pub socket: PathBuf,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl FakeBackend {
+    /// Listens and serves one connection.
+    pub fn start(features: u64, protocol_features: u64, queue_num: u64) -> FakeBackend {
+        let dir = TempDir::new_with_prefix("/tmp/zvmm-fs-").unwrap();
+        let socket = dir.as_path().join("fake.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        let thread = std::thread::spawn(move || {
+            let (stream, _) = listener.accept().unwrap();
+            serve_handshake(&stream, [features, protocol_features, queue_num]);
+        });
+        FakeBackend {
+            _dir: dir,
+            socket,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for FakeBackend {
+    fn drop(&mut self) {
+        if let Some(thread) = self.thread.take() {
+            thread.join().unwrap();
+        }
+    }
+}
+
+/// Answers GET_FEATURES, GET_PROTOCOL_FEATURES and GET_QUEUE_NUM with
+/// `answers` (other requests get no reply) until the peer hangs up.
+fn serve_handshake(mut stream: &std::os::unix::net::UnixStream, answers: [u64; 3]) {
+    use std::io::{Read, Write};
+    const VERSION_AND_REPLY: u32 = 0x1 | 0x4;
+    loop {
+        let mut header = [0u8; 12];
+        if stream.read_exact(&mut header).is_err() {
+            return;
+        }
+        let word = |at: usize| u32::from_le_bytes(header[at..at + 4].try_into().unwrap());
+        let (request, size) = (word(0), word(8));
+        let mut body = vec![0u8; size as usize];
+        if stream.read_exact(&mut body).is_err() {
+            return;
+        }
+        let answer = match request {
+            1 => answers[0],  // GET_FEATURES
+            15 => answers[1], // GET_PROTOCOL_FEATURES
+            17 => answers[2], // GET_QUEUE_NUM
+            _ => continue,
+        };
+        let mut reply = Vec::new();
+        reply.extend(request.to_le_bytes());
+        reply.extend(VERSION_AND_REPLY.to_le_bytes());
+        reply.extend(8u32.to_le_bytes());
+        reply.extend(answer.to_le_bytes());
+        if stream.write_all(&reply).is_err() {
+            return;
+        }
+    }
+}

@@ -232,6 +232,50 @@ fn a_peer_that_never_answers_is_cut_off() {
 }
 
 #[test]
+fn backends_without_version_1_or_protocol_features_are_refused() {
+    const VERSION_1: u64 = 1 << 32;
+    const PROTOCOL_FEATURES: u64 = 1 << 30;
+    let fake = FakeBackend::start(PROTOCOL_FEATURES | 1 << 29, 0, 0);
+    assert_eq!(
+        error_text(&fake.socket),
+        format!(
+            "virtio-fs backend {} does not offer VIRTIO_F_VERSION_1",
+            fake.socket.display()
+        )
+    );
+    let fake = FakeBackend::start(VERSION_1, 0, 0);
+    assert_eq!(
+        error_text(&fake.socket),
+        format!(
+            "virtio-fs backend {} does not offer vhost-user protocol features",
+            fake.socket.display()
+        )
+    );
+}
+
+#[test]
+fn without_mq_the_backend_serves_one_request_queue() {
+    const VERSION_1: u64 = 1 << 32;
+    const PROTOCOL_FEATURES: u64 = 1 << 30;
+    let offer = VERSION_1 | PROTOCOL_FEATURES | 1 << 28 | 1 << 24;
+    let fake = FakeBackend::start(offer, 0, 0);
+    let mut cfg = config(&fake.socket, Arc::new(|_| {}));
+    cfg.num_request_queues = 2;
+    let err = Fs::new(cfg).err().unwrap();
+    assert!(
+        matches!(err, FsError::TooManyQueues { supported: 1, .. }),
+        "{err:?}"
+    );
+    let fake = FakeBackend::start(offer, 0, 0);
+    let fs = Fs::new(config(&fake.socket, Arc::new(|_| {}))).unwrap();
+    assert_eq!(
+        fs.device_features(),
+        VERSION_1 | 1 << 28,
+        "bit 24 is not ours to pass"
+    );
+}
+
+#[test]
 fn negotiation_offers_the_backends_ring_features() {
     let daemon = Daemon::start();
     let fs = new_fs(&daemon.socket).unwrap();
