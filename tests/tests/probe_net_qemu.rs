@@ -113,6 +113,40 @@ fn virtio_net_setup_only_under_qemu_q35() {
     assert!(run.status.is_some_and(|s| s.success()), "{context}");
 }
 
+/// A host that never answers costs the probe `probe.net.wait` seconds,
+/// not a hang: an absent peer (ARP unanswered), then a peer that answers
+/// ARP but sends no command (the probe keeps saying READY).
+#[test]
+fn silent_host_ends_the_exchange_at_the_deadline() {
+    let ns = isolated_namespace();
+    for (peer, phase) in [("10.77.0.9", "arp"), ("10.77.0.1", "ready")] {
+        let cmdline =
+            format!("console=ttyS0 probe.net.ip=10.77.0.2 probe.net.peer={peer} probe.net.wait=3");
+        let mut command = ns.command(QEMU);
+        command.args(qemu_args(TAP, &cmdline));
+        let run = Running::spawn(command).finish(LIMIT);
+        let report = ProbeReport::parse(&run.stdout);
+        let context = format!("peer {peer}: {run:#?}");
+        assert!(
+            report.has(&format!("net timeout phase={phase}")),
+            "{context}"
+        );
+        assert!(!report.has("net exchange done"), "{context}");
+        if phase == "arp" {
+            let arp = report.value("net arp peer=10.77.0.9 unanswered attempts=");
+            assert!(
+                arp.and_then(|n| n.parse::<u32>().ok()) >= Some(5),
+                "{context}"
+            );
+        } else {
+            let ready = report.value("net arp peer=10.77.0.1 mac=");
+            assert!(ready.is_some(), "{context}");
+        }
+        assert!(report.finished(), "{context}");
+        assert!(run.status.is_some_and(|s| s.success()), "{context}");
+    }
+}
+
 /// The plumbing alone: a namespace and its tap vanish on drop, and none
 /// of it is visible from the test's own namespace meanwhile.
 #[test]

@@ -610,7 +610,7 @@ fn rx_header(slot: usize) -> RxHeader {
 /// 5.1.6.4), `None` if nothing.
 fn header_problem(h: &RxHeader, used_len: usize, negotiated: u64) -> Option<&'static str> {
     let has = |f: u64| negotiated & f != 0;
-    if used_len < HDR_LEN {
+    if !(HDR_LEN..=RX_BUF).contains(&used_len) {
         return Some("len");
     }
     let known = HDR_F_NEEDS_CSUM | HDR_F_DATA_VALID;

@@ -284,8 +284,17 @@ impl<'a> Session<'a> {
         }
     }
 
-    fn expired(&self) -> bool {
-        io::rdtsc() > self.deadline || self.nic.broken()
+    /// Whether the exchange must end: the deadline passed (reported as
+    /// `net timeout phase=PHASE`) or the device broke (already reported).
+    fn expired(&self, phase: &str) -> bool {
+        if self.nic.broken() {
+            return true;
+        }
+        let late = io::rdtsc() > self.deadline;
+        if late {
+            report!("net timeout phase={phase}");
+        }
+        late
     }
 
     /// Broadcasts ARP requests for the peer (every 500 ms) until it
@@ -294,9 +303,9 @@ impl<'a> Session<'a> {
         let mut attempts = 0u32;
         let mut next = 0u64;
         while self.peer_mac.is_none() {
-            if self.expired() {
+            if self.expired("arp") {
                 report!(
-                    "net arp peer={} timeout attempts={attempts}",
+                    "net arp peer={} unanswered attempts={attempts}",
                     IpText(self.peer)
                 );
                 return false;
@@ -323,9 +332,8 @@ impl<'a> Session<'a> {
     fn serve(&mut self) {
         let mut next_ready = 0u64;
         while !self.done {
-            if self.expired() {
-                let phase = if self.host_spoke { "serve" } else { "ready" };
-                report!("net timeout phase={phase}");
+            let phase = if self.host_spoke { "serve" } else { "ready" };
+            if self.expired(phase) {
                 return;
             }
             let now = io::rdtsc();
