@@ -8,6 +8,10 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+mod net;
+
+pub use net::{parse_mac, parse_net, random_mac, NetConfig, DEFAULT_NET_QUEUES, MAX_NET_QUEUES};
+
 /// Largest vCPU count zvmm accepts (APIC IDs fit in 8 bits without x2APIC).
 pub const MAX_VCPUS: u8 = 254;
 /// Smallest guest RAM zvmm accepts.
@@ -199,6 +203,9 @@ pub struct VmConfig {
     /// hosts its kernel worker makes VM teardown cost 13-25 ms.
     #[serde(default)]
     pub pit: bool,
+    /// virtio-net NICs on host taps (cloud-hypervisor's `net`).
+    #[serde(default)]
+    pub net: Vec<NetConfig>,
 }
 
 /// One virtio-blk disk (cloud-hypervisor's `DiskConfig` subset).
@@ -248,6 +255,7 @@ impl Default for VmConfig {
             shutdown_grace_secs: None,
             disks: Vec::new(),
             pit: false,
+            net: Vec::new(),
         }
     }
 }
@@ -304,6 +312,7 @@ impl VmConfig {
             crate::watch::compile(option, patterns).map_err(|e| invalid(e.one_line()))?;
         }
         self.validate_disks()?;
+        net::validate_nets(&self.net)?;
         if self.console.mode != ConsoleMode::Off {
             return Err(invalid(
                 "--console: zvmm has no virtio-console; use --console off and --serial".into(),
@@ -317,6 +326,13 @@ impl VmConfig {
 }
 
 impl VmConfig {
+    /// Fills in what the configuration leaves to zvmm (random MACs,
+    /// netmasks next to addresses), so that `vm.info` reports what the
+    /// guest gets and reboots keep it.
+    pub fn complete(&mut self) {
+        net::complete_nets(&mut self.net);
+    }
+
     fn validate_disks(&self) -> Result<(), ConfigError> {
         let mut ids = std::collections::BTreeSet::new();
         for (index, disk) in self.disks.iter().enumerate() {
@@ -353,7 +369,7 @@ impl OptionParser {
     /// is the default for a bare value.
     pub fn parse(option: &'static str, keys: &[&str], input: &str) -> Result<Self, ConfigError> {
         let mut values = BTreeMap::new();
-        for (index, item) in input.split(',').enumerate() {
+        for (index, item) in split_items(input).into_iter().enumerate() {
             let (key, value) = match item.split_once('=') {
                 Some((key, value)) => (key.trim(), value),
                 None if index == 0 && !keys.is_empty() => (keys[0], item),
@@ -425,6 +441,26 @@ impl OptionParser {
 pub fn parse_pit(input: &str) -> Result<bool, ConfigError> {
     let options = OptionParser::parse("pit", &["enabled"], input)?;
     Ok(options.toggle("enabled")?.unwrap_or(false))
+}
+
+/// Splits an option string at commas outside brackets, so a list value
+/// such as `fd=[3,4]` stays one item.
+fn split_items(input: &str) -> Vec<&str> {
+    let mut items = Vec::new();
+    let (mut depth, mut start) = (0usize, 0);
+    for (at, c) in input.char_indices() {
+        match c {
+            '[' => depth += 1,
+            ']' => depth = depth.saturating_sub(1),
+            ',' if depth == 0 => {
+                items.push(&input[start..at]);
+                start = at + 1;
+            }
+            _ => {}
+        }
+    }
+    items.push(&input[start..]);
+    items
 }
 
 /// Parses `512M`, `2G`, `64K`, `1T` or a plain byte count.
@@ -521,6 +557,13 @@ pub fn parse_console(option: &'static str, input: &str) -> Result<ConsoleConfig,
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn commas_inside_brackets_do_not_split() {
+        assert_eq!(split_items("fd=[3,4],mac=x"), vec!["fd=[3,4]", "mac=x"]);
+        assert_eq!(split_items("a,b"), vec!["a", "b"]);
+        assert_eq!(split_items(""), vec![""]);
+    }
 
     #[test]
     fn sizes_parse_with_suffixes() {

@@ -107,6 +107,13 @@ struct VmArgs {
     /// the option or give several values after one --disk.
     #[arg(long, value_name = "path=FILE[,readonly=on]", num_args = 1..)]
     disk: Vec<String>,
+    /// virtio-net NIC on a host tap: `tap=NAME[,mac=MAC][,ip=A,mask=M]
+    /// [,num_queues=N][,queue_size=Q][,id=ID]`, or `fd=N|fd=[N,M][,mac=MAC]`
+    /// for tap fds the caller opened. An existing tap is used as it is and
+    /// kept; a missing one is created and removed at exit. Repeat the option
+    /// or give several values after one --net.
+    #[arg(long, value_name = "tap=NAME[,mac=MAC]", num_args = 1..)]
+    net: Vec<String>,
     /// Create KVM's in-kernel i8254 PIT (ports 0x40-0x43), for guests or
     /// firmware that program it. Off by default: zvmm's ACPI is
     /// hardware-reduced and Linux does not use a PIT there.
@@ -182,6 +189,11 @@ impl VmArgs {
                 .map(|disk| config::parse_disk(disk))
                 .collect::<Result<_, _>>()?,
             pit: config::parse_pit(&self.pit)?,
+            net: self
+                .net
+                .iter()
+                .map(|net| config::parse_net(net))
+                .collect::<Result<_, _>>()?,
         };
         config.validate()?;
         Ok(config)

@@ -1,8 +1,10 @@
 //! The PCI side of the machine: the root bus with its host bridge, one
-//! virtio-pci function per disk, and their KVM plumbing — config access
-//! on ports 0xCF8/0xCFC and the ECAM window, BAR windows on the MMIO bus,
-//! an ioeventfd per queue notify address (kicks never reach user space),
-//! and MSI-X vectors routed through KVM GSI routes and irqfds.
+//! virtio-pci function per virtio device — attached by one generic path,
+//! whatever the device — and their KVM plumbing: config access on ports
+//! 0xCF8/0xCFC and the ECAM window, BAR windows on the MMIO bus, an
+//! ioeventfd per queue notify address (kicks never reach user space, and
+//! follow the guest's BAR moves), and MSI-X vectors routed through KVM GSI
+//! routes and irqfds.
 
 use std::sync::{Arc, Mutex};
 
@@ -11,75 +13,53 @@ use devices::pci::{
     BarAllocator, BarMove, MsiMessage, MsiRouter, PciConfigIo, PciConfigMmio, PciMmioWindow,
     PciRoot, CONFIG_IO_LEN,
 };
-use devices::virtio::block::{Block, BlockConfig};
+use devices::virtio::VirtioDevice;
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use loader::acpi::{AddressRange, PciHostBridge, PlatformDevice};
 use loader::layout;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::bus::{Bus, BusError};
-use crate::config::DiskConfig;
 use crate::interrupts::{InterruptRouting, MsiRoute, MsiVector};
 use crate::memory::GuestRam;
 
 /// The PCI devices could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum PciSetupError {
-    /// A disk image could not be opened (the message names it).
-    #[error(transparent)]
-    Disk(#[from] devices::virtio::block::BlockError),
     /// The virtio transport refused the device.
-    #[error("--disk {path}: cannot create its virtio-pci function")]
+    #[error("{name}: cannot create its virtio-pci function")]
     Transport {
-        /// The disk.
-        path: String,
+        /// The device (its option and name, e.g. `--disk /img`).
+        name: String,
         /// The transport error.
         #[source]
         source: devices::pci::VirtioPciError,
     },
     /// No PCI slot or BAR space left.
-    #[error("cannot place a PCI device (at most 31 devices)")]
-    Placement(#[source] devices::pci::PciError),
+    #[error("{name}: cannot place it on the PCI bus (at most 31 devices)")]
+    Placement {
+        /// The device.
+        name: String,
+        /// Why.
+        #[source]
+        source: devices::pci::PciError,
+    },
     /// KVM refused an ioeventfd.
     #[error("KVM refused a queue notification eventfd")]
     IoEvent(#[source] kvm_ioctls::Error),
     /// Bus placement.
     #[error("PCI windows overlap other devices")]
     Bus(#[from] BusError),
-    /// One image given twice, at least once writable.
-    #[error("--disk {first} and --disk {second} are the same image; a writable disk can be attached once")]
-    SameImageTwice {
-        /// The first path given.
-        first: String,
-        /// The later path naming the same file.
-        second: String,
-    },
 }
 
-/// Refuses an image that appears twice when either use is writable (two
-/// read-only views of one image are harmless).
-fn check_distinct_images(disks: &[DiskConfig]) -> Result<(), PciSetupError> {
-    use std::os::unix::fs::MetadataExt;
-    let identity = |disk: &DiskConfig| {
-        std::fs::metadata(&disk.path)
-            .ok()
-            .map(|m| (m.dev(), m.ino(), m.rdev()))
-    };
-    for (index, later) in disks.iter().enumerate() {
-        let Some(later_id) = identity(later) else {
-            continue;
-        };
-        for earlier in &disks[..index] {
-            let conflict = !(earlier.readonly && later.readonly);
-            if conflict && identity(earlier) == Some(later_id) {
-                return Err(PciSetupError::SameImageTwice {
-                    first: earlier.path.display().to_string(),
-                    second: later.path.display().to_string(),
-                });
-            }
-        }
-    }
-    Ok(())
+/// A virtio device to put on the bus.
+pub struct VirtioAttachment {
+    /// How messages name it (`--disk /img`, `--net tap=t0`).
+    pub label: String,
+    /// The name its counters go under in `vm.counters` (its id).
+    pub counters_name: String,
+    /// The device model.
+    pub device: Box<dyn VirtioDevice>,
 }
 
 /// One queue's kick eventfd and where its notify register sits in BAR 0.
@@ -95,21 +75,32 @@ pub struct PciPlatform {
     pub root: Arc<Mutex<PciRoot>>,
     /// The host bridge for the ACPI tables.
     pub acpi: PlatformDevice,
+    /// Each attached device's counters name and PCI slot.
+    pub slots: Vec<(String, u8)>,
 }
 
-/// Builds the PCI root with one virtio-blk function per disk and puts its
-/// windows on the buses.
+/// What attaching needs from the VM.
+pub struct PciContext<'a> {
+    /// The VM, for ioeventfds.
+    pub vm: &'a Arc<VmFd>,
+    /// GSI routing, for MSI-X vectors.
+    pub routing: &'a Arc<InterruptRouting>,
+    /// Guest RAM, where the queues live.
+    pub ram: &'a GuestRam,
+    /// Guest RAM size (places the 64-bit window above it).
+    pub ram_size: u64,
+}
+
+/// Builds the PCI root with one virtio-pci function per device, in order
+/// (slot 1 up; slot 0 is the host bridge), and puts its windows on the
+/// buses.
 pub fn create_pci(
-    vm: &Arc<VmFd>,
-    routing: &Arc<InterruptRouting>,
-    ram: &GuestRam,
-    ram_size: u64,
-    disks: &[DiskConfig],
+    context: &PciContext<'_>,
+    devices: Vec<VirtioAttachment>,
     pio: &mut Bus,
     mmio: &mut Bus,
 ) -> Result<PciPlatform, PciSetupError> {
-    check_distinct_images(disks)?;
-    let mmio64_start = layout::pci_mmio64_start(ram_size);
+    let mmio64_start = layout::pci_mmio64_start(context.ram_size);
     let mut allocator = BarAllocator::new(
         layout::PCI_MMIO32_START,
         layout::PCI_MMIO32_SIZE,
@@ -118,20 +109,21 @@ pub fn create_pci(
     );
     let mut root = PciRoot::new();
     let mut doorbells = Vec::new();
-    for disk in disks {
-        add_disk(
-            vm,
-            routing,
-            ram,
-            disk,
+    let mut slots = Vec::with_capacity(devices.len());
+    for attachment in devices {
+        let name = attachment.counters_name.clone();
+        let slot = add_virtio(
+            context,
+            attachment,
             &mut root,
             &mut allocator,
             &mut doorbells,
         )?;
+        slots.push((name, slot));
     }
     root.set_bar_observer(Box::new(
         DoorbellMover {
-            vm: vm.clone(),
+            vm: context.vm.clone(),
             doorbells,
         }
         .into_observer(),
@@ -154,7 +146,15 @@ pub fn create_pci(
         let window = PciMmioWindow::new(root.clone(), start);
         mmio.insert(Arc::new(Mutex::new(window)), start, size)?;
     }
-    let acpi = PlatformDevice::PciHostBridge(PciHostBridge {
+    Ok(PciPlatform {
+        root,
+        acpi: host_bridge(mmio64_start),
+        slots,
+    })
+}
+
+fn host_bridge(mmio64_start: u64) -> PlatformDevice {
+    PlatformDevice::PciHostBridge(PciHostBridge {
         segment: 0,
         ecam_start: layout::PCI_ECAM_START,
         bus_start: 0,
@@ -168,34 +168,29 @@ pub fn create_pci(
             size: layout::PCI_MMIO64_SIZE,
         }),
         io: None,
-    });
-    Ok(PciPlatform { root, acpi })
+    })
 }
 
-fn add_disk(
-    vm: &Arc<VmFd>,
-    routing: &Arc<InterruptRouting>,
-    ram: &GuestRam,
-    disk: &DiskConfig,
+/// Wraps `attachment` in a virtio-pci function, places it (slot, BARs),
+/// routes its MSI-X vectors through KVM and registers an ioeventfd per
+/// queue at its notify address; returns the slot.
+fn add_virtio(
+    context: &PciContext<'_>,
+    attachment: VirtioAttachment,
     root: &mut PciRoot,
     allocator: &mut BarAllocator,
     doorbells: &mut Vec<Doorbell>,
-) -> Result<(), PciSetupError> {
-    let block = Block::new(BlockConfig {
-        path: disk.path.clone(),
-        readonly: disk.readonly,
-        serial: disk.serial.clone(),
-        id: disk.id.clone(),
-    })?;
-    let router = Arc::new(KvmMsiRouter::new(routing.clone()));
-    let device = VirtioPciDevice::new(Box::new(block), ram.clone(), router).map_err(|source| {
+) -> Result<u8, PciSetupError> {
+    let VirtioAttachment { label, device, .. } = attachment;
+    let router = Arc::new(KvmMsiRouter::new(context.routing.clone()));
+    let function = VirtioPciDevice::new(device, context.ram.clone(), router).map_err(|source| {
         PciSetupError::Transport {
-            path: disk.path.display().to_string(),
+            name: label.clone(),
             source,
         }
     })?;
     let mut kicks = Vec::new();
-    for (offset, _queue, eventfd) in device.notify_eventfds() {
+    for (offset, _queue, eventfd) in function.notify_eventfds() {
         let eventfd = eventfd.try_clone().map_err(|e| {
             PciSetupError::IoEvent(kvm_ioctls::Error::new(
                 e.raw_os_error().unwrap_or(libc::EBADF),
@@ -204,14 +199,19 @@ fn add_disk(
         kicks.push((offset, eventfd));
     }
     let slot = root
-        .add_device(Box::new(device), allocator)
-        .map_err(PciSetupError::Placement)?;
+        .add_device(Box::new(function), allocator)
+        .map_err(|source| PciSetupError::Placement {
+            name: label.clone(),
+            source,
+        })?;
     let bar = root
         .bar(slot, VIRTIO_BAR)
         .map(|(addr, _)| addr)
         .unwrap_or(0);
     for (offset, eventfd) in kicks {
-        vm.register_ioevent(&eventfd, &IoEventAddress::Mmio(bar + offset), NoDatamatch)
+        context
+            .vm
+            .register_ioevent(&eventfd, &IoEventAddress::Mmio(bar + offset), NoDatamatch)
             .map_err(PciSetupError::IoEvent)?;
         doorbells.push(Doorbell {
             slot,
@@ -219,7 +219,7 @@ fn add_disk(
             eventfd,
         });
     }
-    Ok(())
+    Ok(slot)
 }
 
 /// Moves queue ioeventfds when the guest moves a virtio BAR.
@@ -317,33 +317,5 @@ impl MsiRouter for KvmMsiRouter {
         let vectors = self.vectors.lock().unwrap_or_else(|p| p.into_inner());
         let msi = vectors.get(usize::from(vector))?.as_ref()?;
         msi.irqfd.try_clone().ok()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn disk(path: &str, readonly: bool) -> DiskConfig {
-        DiskConfig {
-            path: path.into(),
-            readonly,
-            serial: None,
-            id: None,
-        }
-    }
-
-    #[test]
-    fn the_same_image_twice_is_refused_unless_both_read_only() {
-        let err = check_distinct_images(&[disk("/dev/null", false), disk("/dev/./null", true)])
-            .unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "--disk /dev/null and --disk /dev/./null are the same image; a writable disk can be attached once"
-        );
-        assert!(check_distinct_images(&[disk("/dev/null", true), disk("/dev/null", true)]).is_ok());
-        assert!(
-            check_distinct_images(&[disk("/dev/null", false), disk("/dev/zero", false)]).is_ok()
-        );
     }
 }

@@ -33,11 +33,13 @@ use crate::cpuid::build_cpuid;
 use crate::interrupts::{InterruptRouting, IoApicPins};
 use crate::lifecycle::{Lifecycle, StopReason};
 use crate::memory::{create_guest_ram, register_guest_ram, GuestRam};
-use crate::pci::create_pci;
+use crate::net::NetBackends;
+use crate::pci::{create_pci, PciContext};
 use crate::platform::{create_interrupt_controllers, create_platform, IrqchipMode, Platform};
 use crate::regs::{self, EntryMode};
 use crate::signals;
 use crate::vcpu::{install_kick_handler, PauseGate, Vcpu, VcpuHandle};
+use crate::virtio_devices::virtio_devices;
 use crate::watch::{compile, process_start, ConsoleWatcher, Timeline, WatchedOutput};
 use crate::writer::SharedWriter;
 
@@ -53,6 +55,12 @@ pub enum VmError {
     /// PCI devices.
     #[error(transparent)]
     Pci(#[from] crate::pci::PciSetupError),
+    /// Virtio devices (disks, NICs).
+    #[error(transparent)]
+    Devices(#[from] crate::virtio_devices::DeviceSetupError),
+    /// NICs' host side.
+    #[error(transparent)]
+    Net(#[from] crate::net::NetSetupError),
     /// /dev/kvm could not be opened.
     #[error("cannot open /dev/kvm (is KVM enabled, and may this user open it?)")]
     OpenKvm(#[source] kvm_ioctls::Error),
@@ -125,6 +133,7 @@ pub struct Vmm {
     input: Option<File>,
     deadline: Option<Instant>,
     watcher: Arc<Mutex<ConsoleWatcher>>,
+    nets: NetBackends,
     _raw_terminal: Option<RawTerminal>,
 }
 
@@ -143,6 +152,9 @@ impl Vmm {
     /// Checks `config`, opens KVM and the console's host side.
     pub fn new(mut config: VmConfig) -> Result<Self, VmError> {
         config.validate()?;
+        config.complete();
+        // Before anything else opens fds: inherited tap fds are adopted here.
+        let nets = NetBackends::open(&mut config.net)?;
         let start = process_start();
         let watcher = ConsoleWatcher::new(
             start,
@@ -179,6 +191,7 @@ impl Vmm {
             input,
             deadline,
             watcher: Arc::new(Mutex::new(watcher)),
+            nets,
             _raw_terminal: raw_terminal,
         })
     }
@@ -244,7 +257,7 @@ impl Vmm {
             Box::new(WatchedOutput::new(inner, self.watcher.clone()))
                 as Box<dyn std::io::Write + Send>
         });
-        let machine = Machine::build(&self.kvm, &self.config, output, &lifecycle)?;
+        let machine = Machine::build(&self.kvm, &self.config, &self.nets, output, &lifecycle)?;
         let watcher = self.watcher.clone();
         let on_first_entry =
             Box::new(move || lock_watcher(&watcher).mark("first guest entry (vCPU 0)"));
@@ -458,7 +471,7 @@ struct Machine {
     serial: Option<Arc<Mutex<devices::legacy::serial::Serial>>>,
     lifecycle: Arc<Lifecycle>,
     pci_root: Arc<Mutex<devices::pci::PciRoot>>,
-    disk_names: Vec<String>,
+    device_slots: Vec<(String, u8)>,
     power_button: Arc<Mutex<Ged>>,
 }
 
@@ -489,6 +502,7 @@ impl Machine {
     fn build(
         kvm: &Kvm,
         config: &VmConfig,
+        nets: &NetBackends,
         output: Option<Box<dyn std::io::Write + Send>>,
         lifecycle: &Arc<Lifecycle>,
     ) -> Result<Self, VmError> {
@@ -515,22 +529,15 @@ impl Machine {
                 .map_err(crate::platform::PlatformError::Bus)?;
             platform.acpi.legacy_pic = false;
         }
-        let pci = create_pci(
-            &vm,
-            &routing,
-            &ram,
+        let context = PciContext {
+            vm: &vm,
+            routing: &routing,
+            ram: &ram,
             ram_size,
-            &config.disks,
-            &mut platform.pio,
-            &mut mmio,
-        )?;
+        };
+        let devices = virtio_devices(config, nets)?;
+        let pci = create_pci(&context, devices, &mut platform.pio, &mut mmio)?;
         platform.acpi.devices.push(pci.acpi);
-        let disk_names = config
-            .disks
-            .iter()
-            .enumerate()
-            .map(|(index, disk)| disk.id.clone().unwrap_or_else(|| format!("_disk{index}")))
-            .collect();
         let (kernel, boot_info) = load_payload(&ram, config, &platform.acpi)?;
         let vcpus =
             crate::kernel_time::timed("vCPU creation and set-up", || create_vcpus(kvm, &vm, cpus))?;
@@ -552,7 +559,7 @@ impl Machine {
             serial: platform.serial,
             lifecycle: lifecycle.clone(),
             pci_root: pci.root,
-            disk_names,
+            device_slots: pci.slots,
             power_button,
         })
     }
@@ -571,7 +578,7 @@ impl Machine {
             pio: self.pio.clone(),
             mmio: self.mmio.clone(),
             pci_root: self.pci_root,
-            disk_names: self.disk_names,
+            device_slots: self.device_slots,
             power_button: self.power_button,
         };
         for (index, fd) in self.vcpus.into_iter().enumerate() {
@@ -664,7 +671,7 @@ struct RunningMachine {
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
     pci_root: Arc<Mutex<devices::pci::PciRoot>>,
-    disk_names: Vec<String>,
+    device_slots: Vec<(String, u8)>,
     power_button: Arc<Mutex<Ged>>,
     _ram: GuestRam,
     _vm: Arc<VmFd>,
@@ -707,7 +714,7 @@ impl RunningMachine {
             .map_err(|source| ControlError::from(host_error("the power-button interrupt")(source)))
     }
 
-    /// Unclaimed bus accesses and each disk's counters.
+    /// Unclaimed bus accesses and each virtio device's counters.
     fn counters(&self) -> Counters {
         let mut counters = Counters::new();
         for (name, bus) in [("pio-bus", &self.pio), ("mmio-bus", &self.mmio)] {
@@ -717,10 +724,8 @@ impl RunningMachine {
             entry.insert("unclaimed_writes".into(), writes);
         }
         let root = self.pci_root.lock().unwrap_or_else(|p| p.into_inner());
-        for (index, name) in self.disk_names.iter().enumerate() {
-            // Disks take the first free slots in order, after the host
-            // bridge in slot 0.
-            let slot = u8::try_from(index + 1).unwrap_or(u8::MAX);
+        for (name, slot) in &self.device_slots {
+            let slot = *slot;
             let entry = counters.entry(name.clone()).or_default();
             for (counter, value) in root.counters(slot) {
                 entry.insert(counter.to_string(), value);

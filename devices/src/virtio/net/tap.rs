@@ -345,6 +345,20 @@ impl TapSet {
         TapSet::new("fake0".to_string(), TapOrigin::Inherited, queues)
     }
 
+    /// Another handle on the same tap queues (the same fds): the VMM keeps
+    /// one for the life of the process and gives each boot's device a
+    /// share, so a guest reboot keeps the tap (and a tap zvmm created is
+    /// not removed in between).
+    pub fn share(&self) -> TapSet {
+        TapSet {
+            name: self.name.clone(),
+            origin: self.origin,
+            queues: self.queues.clone(),
+            vnet_hdr_size: self.vnet_hdr_size,
+            offload: self.offload,
+        }
+    }
+
     /// The interface name.
     pub fn name(&self) -> &str {
         &self.name
