@@ -70,6 +70,8 @@ const TX_BUF: usize = 2048;
 pub const TX_FRAME_MAX: usize = TX_BUF - HDR_LEN;
 /// How long a transmit slot or a control command may take.
 const DEVICE_TIMEOUT_US: u64 = 1_000_000;
+/// Receive buffers given back before the device is notified.
+const RX_KICK_BATCH: usize = 8;
 /// Bad headers reported one by one (the rest are only counted).
 const BAD_HEADERS_SHOWN: u64 = 4;
 
@@ -214,6 +216,8 @@ pub struct Nic {
     pub mac: Mac,
     tx_busy: [bool; TX_SLOTS],
     tx_next: usize,
+    /// Receive buffers given back but not yet notified.
+    rx_unkicked: usize,
     /// The device misbehaved (bogus used element, timeout): leave it.
     broken: bool,
     tsc_mhz: u64,
@@ -246,6 +250,7 @@ impl Nic {
             mac,
             tx_busy: [false; TX_SLOTS],
             tx_next: 0,
+            rx_unkicked: 0,
             broken: false,
             tsc_mhz: io::tsc_mhz(),
             stats: NicStats::default(),
@@ -309,7 +314,10 @@ impl Nic {
         if self.broken {
             return None;
         }
-        let used = self.rx.take_used()?;
+        let Some(used) = self.rx.take_used() else {
+            self.kick_rx();
+            return None;
+        };
         let Some(slot) = used.slot.filter(|&s| s < RX_SLOTS) else {
             self.fail("bogus rx used element");
             return None;
@@ -332,17 +340,30 @@ impl Nic {
         })
     }
 
-    /// Gives a received buffer back to the device.
+    /// Gives a received buffer back to the device; the device is told in
+    /// batches of [`RX_KICK_BATCH`], or as soon as nothing is left to
+    /// receive.
     pub fn release(&mut self, token: RxToken) {
         if self.broken {
             return;
         }
         self.post_rx(token.slot);
-        self.rx.kick();
+        self.rx_unkicked += 1;
+        if self.rx_unkicked >= RX_KICK_BATCH {
+            self.kick_rx();
+        }
+    }
+
+    fn kick_rx(&mut self) {
+        if self.rx_unkicked > 0 {
+            self.rx_unkicked = 0;
+            self.rx.kick();
+        }
     }
 
     /// Takes and gives back the `count` further buffers of a merged frame.
     fn drop_merged(&mut self, count: usize) {
+        self.kick_rx();
         for _ in 0..count {
             let start = io::rdtsc();
             let deadline = DEVICE_TIMEOUT_US.saturating_mul(self.tsc_mhz);

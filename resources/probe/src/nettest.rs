@@ -44,6 +44,9 @@ const READY_EVERY_US: u64 = 1_000_000;
 /// A receive benchmark ends this long after its last datagram if the
 /// host's `BENCH-END` is lost.
 const BENCH_IDLE_US: u64 = 2_000_000;
+/// Benchmark datagrams queued per notification (below the 32 transmit
+/// slots, so a full ring always holds notified frames).
+const TX_KICK_BATCH: u32 = 8;
 /// Longest command the probe reads.
 const CTRL_MAX: usize = 128;
 /// Unknown commands reported one by one.
@@ -480,6 +483,18 @@ impl<'a> Session<'a> {
     /// Sends `len` payload bytes of a datagram to the peer's `dport`,
     /// filled by `fill`; `offload` asks the device for the checksum.
     fn send_udp(&mut self, dport: u16, len: usize, offload: bool, fill: impl FnOnce(&mut [u8])) {
+        self.send_udp_kick(dport, len, offload, true, fill);
+    }
+
+    /// [`Session::send_udp`], notifying the device only if `kick`.
+    fn send_udp_kick(
+        &mut self,
+        dport: u16,
+        len: usize,
+        offload: bool,
+        kick: bool,
+        fill: impl FnOnce(&mut [u8]),
+    ) {
         let Some(mac) = self.peer_mac else {
             return;
         };
@@ -506,7 +521,7 @@ impl<'a> Session<'a> {
         fill(&mut frame[inet::UDP_HEADERS..frame_len]);
         let start = (inet::ETH_LEN + inet::IP_LEN) as u16;
         let csum = offload.then_some((start, inet::UDP_CSUM_OFFSET));
-        self.nic.send(slot, frame_len, csum, true);
+        self.nic.send(slot, frame_len, csum, kick);
     }
 
     fn send_ctrl(&mut self, args: core::fmt::Arguments) {
@@ -577,8 +592,9 @@ impl<'a> Session<'a> {
     }
 
     /// `BENCH tx size=S`: `probe.net.bench` datagrams as fast as the
-    /// device takes them (no checksums; only the sequence number of the
-    /// payload is written, the rest is whatever the slot held).
+    /// device takes them, notified in batches of [`TX_KICK_BATCH`] (no
+    /// checksums; only the sequence number of the payload is written, the
+    /// rest is whatever the slot held).
     fn bench_tx(&mut self, size: u64) {
         let Some(frames) = self.options.bench else {
             self.send_ctrl(format_args!("BENCH-RESULT tx error=no_bench_option"));
@@ -588,7 +604,8 @@ impl<'a> Session<'a> {
         self.report_tsc_once();
         let start = io::rdtsc();
         for seq in 0..frames {
-            self.send_udp(DATA_PORT, size, false, |payload| {
+            let kick = seq % TX_KICK_BATCH == TX_KICK_BATCH - 1 || seq + 1 == frames;
+            self.send_udp_kick(DATA_PORT, size, false, kick, |payload| {
                 let head = payload.len().min(4);
                 payload[..head].copy_from_slice(&seq.to_le_bytes()[..head]);
             });
