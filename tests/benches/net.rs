@@ -401,7 +401,9 @@ fn print_header(runs: usize, qemu_version: &str) {
          them (guest→host), then this process sends {HOST_FRAMES} as fast as its socket takes \
          them (host→guest). frames/s and MiB/s (UDP payload) are the probe's, timed with its TSC \
          from first to last frame (the probe's tsc_khz, else the host TSC rate measured here); \
-         loss = datagrams sent but not counted by the other side."
+         loss = datagrams sent but not counted by the other side. Where frames/s ties, the \
+         probe's own (emulated, here) code per frame is the bottleneck and the VMMs differ only \
+         in CPU."
     );
     println!(
         "VMM CPU: the VMM process's CPU clock (= /proc/PID/stat utime+stime, all threads, ns \
@@ -499,7 +501,10 @@ fn case_rows(
     }
     if let [Some(z), Some(q)] = &medians[..] {
         let mut row = vec![String::new(), String::new(), "zvmm/qemu".into()];
-        row.extend(z.iter().zip(q).map(|(z, q)| format!("{:.2}x", z / q)));
+        row.extend(z.iter().zip(q).map(|(z, q)| match z / q {
+            r if r.is_finite() => format!("{r:.2}x"),
+            _ => "-".into(),
+        }));
         rows.push(row);
     }
     rows
