@@ -341,7 +341,7 @@ impl Nic {
     }
 
     /// Gives a received buffer back to the device; the device is told in
-    /// batches of [`RX_KICK_BATCH`], or as soon as nothing is left to
+    /// batches of `RX_KICK_BATCH`, or as soon as nothing is left to
     /// receive.
     pub fn release(&mut self, token: RxToken) {
         if self.broken {
