@@ -8,8 +8,10 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+mod fs;
 mod net;
 
+pub use fs::{parse_fs, FsConfig, ROOT_TAG};
 pub use net::{parse_mac, parse_net, random_mac, NetConfig, DEFAULT_NET_QUEUES, MAX_NET_QUEUES};
 
 /// Largest vCPU count zvmm accepts (APIC IDs fit in 8 bits without x2APIC).
@@ -206,6 +208,12 @@ pub struct VmConfig {
     /// virtio-net NICs on host taps (cloud-hypervisor's `net`).
     #[serde(default)]
     pub net: Vec<NetConfig>,
+    /// virtio-fs shares (cloud-hypervisor's `fs`, plus zvmm's `path`).
+    #[serde(default)]
+    pub fs: Vec<FsConfig>,
+    /// The virtiofsd binary for `path` shares (default: from PATH).
+    #[serde(default)]
+    pub virtiofsd: Option<PathBuf>,
 }
 
 /// One virtio-blk disk (cloud-hypervisor's `DiskConfig` subset).
@@ -256,6 +264,8 @@ impl Default for VmConfig {
             disks: Vec::new(),
             pit: false,
             net: Vec::new(),
+            fs: Vec::new(),
+            virtiofsd: None,
         }
     }
 }
@@ -313,6 +323,7 @@ impl VmConfig {
         }
         self.validate_disks()?;
         net::validate_nets(&self.net)?;
+        fs::validate_fs(&self.fs)?;
         if self.console.mode != ConsoleMode::Off {
             return Err(invalid(
                 "--console: zvmm has no virtio-console; use --console off and --serial".into(),
@@ -327,10 +338,20 @@ impl VmConfig {
 
 impl VmConfig {
     /// Fills in what the configuration leaves to zvmm (random MACs,
-    /// netmasks next to addresses), so that `vm.info` reports what the
-    /// guest gets and reboots keep it.
-    pub fn complete(&mut self) {
+    /// netmasks next to addresses, shared RAM for virtio-fs), so that
+    /// `vm.info` reports what the guest gets and reboots keep it; returns
+    /// what was decided that the user should hear about.
+    pub fn complete(&mut self) -> Vec<String> {
+        let mut notes = Vec::new();
         net::complete_nets(&mut self.net);
+        if !self.fs.is_empty() && !self.memory.shared {
+            self.memory.shared = true;
+            notes.push(
+                "--fs: backing guest RAM with a memfd (as --memory shared=on) so virtiofsd can map it"
+                    .to_string(),
+            );
+        }
+        notes
     }
 
     fn validate_disks(&self) -> Result<(), ConfigError> {
@@ -504,6 +525,11 @@ pub fn parse_memory(input: &str) -> Result<MemoryConfig, ConfigError> {
         size: options.size("size")?.unwrap_or(defaults.size),
         shared: options.toggle("shared")?.unwrap_or(false),
     })
+}
+
+/// The `shared=` value of a `--memory` string when given explicitly.
+pub fn shared_memory_given(input: &str) -> Result<Option<bool>, ConfigError> {
+    OptionParser::parse("memory", &["size", "shared"], input)?.toggle("shared")
 }
 
 /// Parses one `--disk path=P[,readonly=on][,serial=S][,id=ID]` (a bare

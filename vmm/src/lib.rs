@@ -8,6 +8,7 @@ pub mod config;
 pub mod console;
 pub mod control;
 pub mod cpuid;
+pub mod fs;
 pub mod handle;
 pub mod interrupts;
 pub mod kernel_time;

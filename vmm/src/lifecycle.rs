@@ -20,6 +20,8 @@ pub const EXIT_RESET: i32 = 3;
 pub const EXIT_CRASH: i32 = 4;
 /// Exit status: a `--fail-on` pattern matched the console.
 pub const EXIT_FAIL_PATTERN: i32 = 5;
+/// Exit status: a vhost-user backend (virtiofsd) died or disconnected.
+pub const EXIT_BACKEND_LOST: i32 = 7;
 /// Exit status: `--timeout` expired.
 pub const EXIT_TIMEOUT: i32 = 124;
 /// Exit status base for a terminating signal (128 + signal number).
@@ -60,6 +62,12 @@ pub enum StopReason {
     /// Stopped on request through the library handle or the API (a hard
     /// stop: the guest is not asked).
     Requested,
+    /// A device's out-of-process backend (virtiofsd) died or closed its
+    /// connection; the guest cannot use the device any more.
+    BackendLost {
+        /// What happened, one line naming the device.
+        detail: String,
+    },
 }
 
 impl StopReason {
@@ -77,6 +85,7 @@ impl StopReason {
             StopReason::Crash { .. } => EXIT_CRASH,
             StopReason::Timeout => EXIT_TIMEOUT,
             StopReason::Signal(signal) => EXIT_SIGNAL_BASE + signal,
+            StopReason::BackendLost { .. } => EXIT_BACKEND_LOST,
         }
     }
 }

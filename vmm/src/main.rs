@@ -25,6 +25,7 @@ Exit status:
        registers are printed on stderr
   5    a --fail-on pattern matched a console line (the line is printed)
   6    the guest powered off before every --expect pattern matched
+  7    a virtio-fs backend (virtiofsd) died or disconnected while the VM ran
   124  --timeout expired (unmatched --expect patterns are listed)
   130, 143  ended by SIGINT (or Ctrl-A x on the console) / SIGTERM (with
        --shutdown-grace, a guest that powers off in time exits 0)
@@ -114,6 +115,17 @@ struct VmArgs {
     /// or give several values after one --net.
     #[arg(long, value_name = "tap=NAME[,mac=MAC]", num_args = 1..)]
     net: Vec<String>,
+    /// virtio-fs share: `DIR` (the container root, tag vroot),
+    /// `tag=T,path=DIR` (zvmm starts and stops virtiofsd on DIR) or
+    /// `tag=T,socket=S[,num_queues=N][,queue_size=Q][,id=ID]` (a virtiofsd
+    /// already listening on S). Repeat the option or give several values
+    /// after one --fs. Turns on shared (memfd) guest RAM.
+    #[arg(long, value_name = "DIR|tag=T,path=DIR|tag=T,socket=S", num_args = 1..)]
+    fs: Vec<String>,
+    /// The virtiofsd binary zvmm starts for path shares [default: virtiofsd
+    /// from PATH or ~/.cargo/bin].
+    #[arg(long, value_name = "BIN")]
+    virtiofsd: Option<PathBuf>,
     /// Create KVM's in-kernel i8254 PIT (ports 0x40-0x43), for guests or
     /// firmware that program it. Off by default: zvmm's ACPI is
     /// hardware-reduced and Linux does not use a PIT there.
@@ -159,14 +171,32 @@ Exit status:
     },
 }
 
+/// The command line a root share boots with when none is given.
+const ROOT_SHARE_CMDLINE: &str = "console=ttyS0 root=vroot rootfstype=virtiofs rw";
+
 impl VmArgs {
     fn into_config(self) -> Result<VmConfig, ConfigError> {
+        let fs: Vec<config::FsConfig> = self
+            .fs
+            .iter()
+            .map(|share| config::parse_fs(share))
+            .collect::<Result<_, _>>()?;
+        if !fs.is_empty() && config::shared_memory_given(&self.memory)? == Some(false) {
+            return Err(ConfigError::Invalid(
+                "--memory shared=off cannot go with --fs: virtiofsd must map guest RAM; drop shared=off".into(),
+            ));
+        }
+        let default_cmdline = if fs.iter().any(config::FsConfig::is_root_share) {
+            ROOT_SHARE_CMDLINE
+        } else {
+            "console=ttyS0"
+        };
         let config = VmConfig {
             cpus: config::parse_cpus(&self.cpus)?,
             memory: config::parse_memory(&self.memory)?,
             payload: PayloadConfig {
                 kernel: self.kernel,
-                cmdline: Some(self.cmdline.unwrap_or_else(|| "console=ttyS0".into())),
+                cmdline: Some(self.cmdline.unwrap_or_else(|| default_cmdline.into())),
                 initramfs: self.initrd,
             },
             serial: config::parse_console("serial", &self.serial)?,
@@ -194,6 +224,8 @@ impl VmArgs {
                 .iter()
                 .map(|net| config::parse_net(net))
                 .collect::<Result<_, _>>()?,
+            fs,
+            virtiofsd: self.virtiofsd,
         };
         config.validate()?;
         Ok(config)
@@ -348,6 +380,7 @@ fn describe_stop(reason: &StopReason) {
         }
         StopReason::Signal(signal) => eprintln!("zvmm: stopped by signal {signal}"),
         StopReason::Requested => {}
+        StopReason::BackendLost { detail } => eprintln!("zvmm: VM stopped: {detail}"),
     }
 }
 

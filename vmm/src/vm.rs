@@ -30,6 +30,7 @@ use crate::control::{
     Command, Control, ControlError, Counters, Reply, Request, StopReport, VmEvent, VmState,
 };
 use crate::cpuid::build_cpuid;
+use crate::fs::{start_shares, FsDaemons};
 use crate::interrupts::{InterruptRouting, IoApicPins};
 use crate::lifecycle::{Lifecycle, StopReason};
 use crate::memory::{create_guest_ram, register_guest_ram, GuestRam};
@@ -61,6 +62,9 @@ pub enum VmError {
     /// NICs' host side.
     #[error(transparent)]
     Net(#[from] crate::net::NetSetupError),
+    /// Shared directories (virtiofsd, virtio-fs).
+    #[error(transparent)]
+    Fs(#[from] crate::fs::FsSetupError),
     /// /dev/kvm could not be opened.
     #[error("cannot open /dev/kvm (is KVM enabled, and may this user open it?)")]
     OpenKvm(#[source] kvm_ioctls::Error),
@@ -152,7 +156,9 @@ impl Vmm {
     /// Checks `config`, opens KVM and the console's host side.
     pub fn new(mut config: VmConfig) -> Result<Self, VmError> {
         config.validate()?;
-        config.complete();
+        for note in config.complete() {
+            eprintln!("zvmm: {note}");
+        }
         // Before anything else opens fds: inherited tap fds are adopted here.
         let nets = NetBackends::open(&mut config.net)?;
         let start = process_start();
@@ -473,6 +479,7 @@ struct Machine {
     pci_root: Arc<Mutex<devices::pci::PciRoot>>,
     device_slots: Vec<(String, u8)>,
     power_button: Arc<Mutex<Ged>>,
+    fs_daemons: FsDaemons,
 }
 
 /// The ACPI power button: the GED event register on the port bus, its
@@ -535,7 +542,9 @@ impl Machine {
             ram: &ram,
             ram_size,
         };
-        let devices = virtio_devices(config, nets)?;
+        let mut devices = virtio_devices(config, nets)?;
+        let (shares, fs_daemons) = start_shares(config, &ram, lifecycle)?;
+        devices.extend(shares);
         let pci = create_pci(&context, devices, &mut platform.pio, &mut mmio)?;
         platform.acpi.devices.push(pci.acpi);
         let (kernel, boot_info) = load_payload(&ram, config, &platform.acpi)?;
@@ -561,6 +570,7 @@ impl Machine {
             pci_root: pci.root,
             device_slots: pci.slots,
             power_button,
+            fs_daemons,
         })
     }
 
@@ -579,6 +589,7 @@ impl Machine {
             mmio: self.mmio.clone(),
             pci_root: self.pci_root,
             device_slots: self.device_slots,
+            _fs_daemons: self.fs_daemons,
             power_button: self.power_button,
         };
         for (index, fd) in self.vcpus.into_iter().enumerate() {
@@ -673,6 +684,8 @@ struct RunningMachine {
     pci_root: Arc<Mutex<devices::pci::PciRoot>>,
     device_slots: Vec<(String, u8)>,
     power_button: Arc<Mutex<Ged>>,
+    // After `pci_root`: the devices disconnect before their daemons stop.
+    _fs_daemons: FsDaemons,
     _ram: GuestRam,
     _vm: Arc<VmFd>,
 }

@@ -60,7 +60,8 @@ mod testing;
 mod tests;
 
 pub use config::{
-    BackendLostCallback, FsConfig, CONFIG_SIZE, DEFAULT_QUEUE_SIZE, FS_DEVICE_TYPE, TAG_LEN,
+    BackendLostCallback, FsConfig, CONFIG_SIZE, DEFAULT_QUEUE_SIZE, FS_DEVICE_TYPE, MAX_QUEUE_SIZE,
+    MAX_REQUEST_QUEUES, TAG_LEN,
 };
 pub use device::{Fs, FsError};
 pub use frontend::REPLY_TIMEOUT;
