@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Installs what building and testing zvmm needs on a Debian/Ubuntu host:
 # the Rust target for the probe guest, QEMU (the reference peer), ACPICA
-# (iasl validates our ACPI tables), cpio (initramfs) and lzop (LZO
-# extraction tests). Idempotent.
+# (iasl validates our ACPI tables), cpio (initramfs), lzop (LZO
+# extraction tests), ping and ip (network tests), and virtiofsd (the
+# virtio-fs backend zvmm starts for --fs; built from crates.io at a pinned
+# version, with its Debian build dependencies). Idempotent.
 set -euo pipefail
 missing=()
 command -v qemu-system-x86_64 >/dev/null || missing+=(qemu-system-x86)
@@ -10,6 +12,16 @@ command -v iasl >/dev/null || missing+=(acpica-tools)
 command -v cpio >/dev/null || missing+=(cpio)
 command -v lzop >/dev/null || missing+=(lzop)
 { command -v ping && command -v ip; } >/dev/null || missing+=(iputils-ping iproute2)
+VIRTIOFSD_VERSION=1.14.0
+virtiofsd_bin="${CARGO_HOME:-$HOME/.cargo}/bin/virtiofsd"
+have_virtiofsd() {
+    "$virtiofsd_bin" --version 2>/dev/null | grep -qx "virtiofsd $VIRTIOFSD_VERSION"
+}
+if ! have_virtiofsd; then
+    for pkg in libseccomp-dev libcap-ng-dev pkg-config; do
+        dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
+    done
+fi
 if ((${#missing[@]})); then
     echo "install-host-deps: apt-get install ${missing[*]}" >&2
     apt-get update -qq
@@ -21,3 +33,7 @@ fi
 for component in rustfmt clippy; do
     rustup component list --installed | grep -q "^$component" || rustup component add "$component"
 done
+if ! have_virtiofsd; then
+    echo "install-host-deps: cargo install virtiofsd --version $VIRTIOFSD_VERSION --locked" >&2
+    cargo install --quiet virtiofsd --version "$VIRTIOFSD_VERSION" --locked
+fi
