@@ -61,7 +61,7 @@ fn put(image: &mut [u8], at: usize, bytes: &[u8]) {
     image[at..at + bytes.len()].copy_from_slice(bytes);
 }
 
-/// The ELF64 image: one PT_LOAD of the whole file at [`LOAD_ADDR`] and a
+/// The ELF64 image: one PT_LOAD of the whole file at 1 MiB and a
 /// PT_NOTE holding the PVH entry.
 pub fn tiny_elf(end: TinyEnd) -> Vec<u8> {
     let code = code(end);
