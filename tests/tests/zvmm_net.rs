@@ -302,3 +302,47 @@ fn open_tap_in(ns: &NetNs, name: &str) -> OwnedFd {
     .join()
     .unwrap()
 }
+
+/// `num_queues=4`: a multi-queue tap with one queue per pair, and a device
+/// offering MQ with a control queue (the probe reports what it was offered).
+#[test]
+fn four_queues_make_a_multi_queue_tap_and_offer_mq() {
+    let ns = NetNs::new().unwrap();
+    let idle = tiny("net-mq", TinyEnd::Idle);
+    let vm = Running::spawn(zvmm_in(&ns, &idle, &["--net", "tap=tq0,num_queues=4"]));
+    assert!(vm.stdout.wait_for(TINY_LINE, LIMIT), "{}", vm.stderr.text());
+    let output = ns
+        .command("ip")
+        .args(["-d", "link", "show", "tq0"])
+        .output()
+        .unwrap();
+    let details = String::from_utf8_lossy(&output.stdout);
+    assert!(details.contains("multi_queue numqueues 2"), "{details}");
+    assert!(details.contains("vnet_hdr on"), "{details}");
+    vm.signal(libc::SIGTERM);
+    assert_eq!(vm.finish(LIMIT).code(), 143);
+
+    let probe = zvmm_tests::probe::probe_elf(zvmm_tests::probe::Flavour::Pvh);
+    let mut command = ns.command(zvmm_bin());
+    command
+        .arg("--kernel")
+        .arg(probe)
+        .args(["--memory", "128M", "--serial", "stdio"])
+        .args(["--net", "tap=tq0,num_queues=4"]);
+    let run = run_with_limit(command, LIMIT);
+    assert_eq!(run.code(), 0, "{run:#?}");
+    let report = zvmm_tests::probe::ProbeReport::parse(&run.stdout);
+    let line = report
+        .value("net slot=1 mac=")
+        .unwrap_or_else(|| panic!("{run:#?}"));
+    let offered = line
+        .split(' ')
+        .find_map(|field| field.strip_prefix("features="))
+        .and_then(|hex| u64::from_str_radix(hex.trim_start_matches("0x"), 16).ok())
+        .unwrap_or_else(|| panic!("{line}"));
+    const MQ: u64 = 1 << 22;
+    const CTRL_VQ: u64 = 1 << 17;
+    assert_eq!(offered & (MQ | CTRL_VQ), MQ | CTRL_VQ, "{line}");
+    assert!(line.contains("ctrl_vq=1"), "{line}");
+    assert_eq!(links(&ns), ["lo"]);
+}
