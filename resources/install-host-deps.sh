@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Installs what building and testing zvmm needs on a Debian/Ubuntu host:
-# the Rust target for the probe guest, QEMU (the reference peer), ACPICA
-# (iasl validates our ACPI tables), cpio (initramfs), lzop (LZO
-# extraction tests), ping and ip (network tests), and virtiofsd (the
+# the Rust target for the probe guest, QEMU (the reference peer),
+# qemu-img (disk image tests), ACPICA (iasl validates our ACPI tables),
+# cpio (initramfs), lzop (LZO extraction tests), ping and ip (network tests), and virtiofsd (the
 # virtio-fs backend zvmm starts for --fs; built from crates.io at a pinned
 # version, with its Debian build dependencies). Idempotent.
 set -euo pipefail
 missing=()
 command -v qemu-system-x86_64 >/dev/null || missing+=(qemu-system-x86)
+command -v qemu-img >/dev/null || missing+=(qemu-utils)
 command -v iasl >/dev/null || missing+=(acpica-tools)
 command -v cpio >/dev/null || missing+=(cpio)
 command -v lzop >/dev/null || missing+=(lzop)
