@@ -2,8 +2,10 @@
 //! probe guest enumerates bus 0 through ECAM and 0xCF8, drives every disk
 //! with its own split-queue driver, and each fact it reports is checked
 //! against the image files the test made and what they hold afterwards
-//! (content and `st_blocks`). Also the `--disk` option forms, moving the
-//! BARs (zvmm must follow with its ioeventfds), and every rejected image:
+//! (content and `st_blocks`). Also where zvmm puts the BARs (below 4 GiB),
+//! the `--disk` option forms, the guest moving the BARs within the 32-bit
+//! window and up into the 64-bit one (zvmm must follow with its
+//! ioeventfds), and every rejected image:
 //! one stderr line naming it, the documented status, fast, and the image
 //! untouched. `probe_blk_qemu.rs` runs the same probe under QEMU.
 
@@ -295,11 +297,7 @@ fn two_disks_read_write_and_read_only() {
     let context = context.as_str();
 
     check_pci(&report, 2, context);
-    let mmio64 = layout::pci_mmio64_start(MEMORY);
-    let bar = line(&report, "pci slot=1", "func=0 bar0=", context);
-    assert_eq!(bar.num("bar0"), Some(mmio64), "{context}");
-    assert_eq!(bar.get("type"), Some("mem64"), "{context}");
-    assert_eq!(bar.get("assigned"), Some("firmware"), "{context}");
+    check_bars_below_4g(&report, 2, context);
 
     check_transport(&report, RW_SLOT, false, context);
     check_reads(
@@ -328,19 +326,43 @@ fn two_disks_read_write_and_read_only() {
     );
 }
 
-/// The probe moves both 64-bit BARs inside zvmm's window: config reads,
-/// MSI-X and queue kicks (ioeventfds re-registered) must follow them.
-#[test]
-fn bars_moved_inside_the_64bit_window() {
-    let images = Images::new("bar-move");
-    let moved = layout::pci_mmio64_start(MEMORY) + 0x10_0000;
+/// zvmm assigns every BAR itself, below 4 GiB (firmware that maps only the
+/// first 4 GiB and assigns nothing must reach them): the 64-bit BAR 0 of
+/// each function in the 32-bit window, slot 1 first, without overlaps.
+fn check_bars_below_4g(report: &ProbeReport, disk_count: u8, context: &str) {
+    let window = layout::PCI_MMIO32_START..layout::PCI_MMIO32_START + layout::PCI_MMIO32_SIZE;
+    let mut placed = Vec::new();
+    for slot in 1..=disk_count {
+        let stem = format!("pci slot={slot}");
+        let bar = line(report, &stem, "func=0 bar0=", context);
+        let (at, size) = (bar.num("bar0").unwrap_or(0), bar.num("size").unwrap_or(0));
+        assert_eq!(bar.get("type"), Some("mem64"), "slot {slot}: {context}");
+        assert_eq!(bar.get("assigned"), Some("firmware"), "{context}");
+        assert!(
+            window.contains(&at) && at + size <= window.end,
+            "slot {slot}: bar0 {at:#x} outside the 32-bit window: {context}"
+        );
+        assert_eq!(at % size.max(1), 0, "slot {slot}: unaligned: {context}");
+        placed.push((at, at + size));
+    }
+    assert_eq!(placed.first().map(|r| r.0), Some(window.start), "{context}");
+    placed.sort_unstable();
+    for pair in placed.windows(2) {
+        assert!(pair[0].1 <= pair[1].0, "overlapping bars: {context}");
+    }
+}
+
+/// The probe moves both 64-bit BARs to `moved` and up: config reads,
+/// MSI-X and queue kicks (ioeventfds re-registered) must follow them, and
+/// the BARs stay below `window_end`.
+fn check_bar_move(test: &str, moved: u64, window_end: u64) {
+    let images = Images::new(test);
     let cmdline = format!("console=ttyS0 probe.pci.mem64={moved:#x} {}", blk_options());
     let args = vm_args(&disks(&images.disk_values()), &cmdline);
     let (_run, report, context) = run_vm(&args);
     let context = context.as_str();
 
     check_pci(&report, 2, context);
-    let window_end = layout::pci_mmio64_start(MEMORY) + layout::PCI_MMIO64_SIZE;
     for slot in [RW_SLOT, RO_SLOT] {
         let bar = line(
             &report,
@@ -374,6 +396,24 @@ fn bars_moved_inside_the_64bit_window() {
     check_ro_requests(&report, RO_SLOT, context);
     let image = std::fs::read(&images.rw).unwrap();
     assert!(range_bytes(&image, WRITE) == pattern(WRITE.0, WRITE.1));
+}
+
+/// The guest moves both BARs elsewhere in the 32-bit window, where zvmm
+/// put them.
+#[test]
+fn bars_moved_inside_the_32bit_window() {
+    let moved = layout::PCI_MMIO32_START + 0x1000_0000;
+    let window_end = layout::PCI_MMIO32_START + layout::PCI_MMIO32_SIZE;
+    check_bar_move("bar-move-low", moved, window_end);
+}
+
+/// The guest moves both 64-bit BARs up into the 64-bit window (as an OS
+/// that re-assigns may), which zvmm decodes too.
+#[test]
+fn bars_moved_up_into_the_64bit_window() {
+    let moved = layout::pci_mmio64_start(MEMORY) + 0x10_0000;
+    let window_end = layout::pci_mmio64_start(MEMORY) + layout::PCI_MMIO64_SIZE;
+    check_bar_move("bar-move-high", moved, window_end);
 }
 
 /// `--disk a b` (several values after one flag), a bare path, `id=` (a

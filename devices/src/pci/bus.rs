@@ -14,7 +14,9 @@
 //! all-ones. When a BAR ends up at a new address while its function decodes
 //! memory, the root reports a [`BarMove`] so the VMM can move what it keeps
 //! at BAR addresses (KVM ioeventfds). It also owns [`BarAllocator`], which
-//! assigns the initial BAR addresses.
+//! assigns the initial BAR addresses: below 4 GiB unless a BAR is large,
+//! so firmware that maps only the first 4 GiB and assigns no BARs itself
+//! (rust-hypervisor-firmware on the PVH path) can use every device.
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -395,35 +397,51 @@ impl BusDevice for PciMmioWindow {
     }
 }
 
-/// A bump allocator of naturally aligned BAR addresses.
-#[derive(Clone, Copy, Debug)]
+/// One memory window handing out naturally aligned ranges, first fit: a
+/// small BAR may take the gap an aligned large one left.
+#[derive(Clone, Debug)]
 struct Window {
-    next: u64,
+    start: u64,
     end: u64,
+    /// Ranges handed out, `(start, end)`, sorted and disjoint.
+    taken: Vec<(u64, u64)>,
 }
 
 impl Window {
     fn new(start: u64, size: u64) -> Self {
         Window {
-            next: start,
+            start,
             end: start.saturating_add(size),
+            taken: Vec::new(),
         }
     }
 
     fn allocate(&mut self, size: u64) -> Option<u64> {
-        let start = self.next.checked_next_multiple_of(size)?;
-        let end = start.checked_add(size)?;
-        (end <= self.end).then(|| {
-            self.next = end;
-            start
-        })
+        let mut floor = self.start;
+        for index in 0..=self.taken.len() {
+            let ceiling = self.taken.get(index).map_or(self.end, |range| range.0);
+            let start = floor.checked_next_multiple_of(size)?;
+            if start.checked_add(size)? <= ceiling {
+                self.taken.insert(index, (start, start + size));
+                return Some(start);
+            }
+            floor = self.taken.get(index).map_or(floor, |range| range.1);
+        }
+        None
     }
 }
 
+/// 64-bit BARs of at least this many bytes go to the 64-bit window first;
+/// smaller ones go below 4 GiB.
+pub const LARGE_BAR_SIZE: u64 = 256 << 20;
+
 /// Assigns BAR addresses from the 32-bit and 64-bit PCI memory windows
-/// (the windows the ACPI `_CRS` of the host bridge describes). 64-bit BARs
-/// go to the 64-bit window, or the 32-bit one when it is full or empty;
-/// 32-bit BARs to the 32-bit window.
+/// (the windows the ACPI `_CRS` of the host bridge describes). Every BAR
+/// goes to the 32-bit window — 64-bit BARs included, which stay 64-bit
+/// capable so the guest may move them up — except that a 64-bit BAR of
+/// [`LARGE_BAR_SIZE`] or more goes to the 64-bit window first, and a 64-bit
+/// BAR that no longer fits below 4 GiB goes above. 32-bit BARs only ever
+/// go to the 32-bit window.
 pub struct BarAllocator {
     mmio32: Window,
     mmio64: Window,
@@ -439,17 +457,22 @@ impl BarAllocator {
         }
     }
 
-    /// A naturally aligned address for a BAR of `size` bytes (a power of
-    /// two).
+    /// A naturally aligned address for a BAR of `size` bytes (rounded up to
+    /// a power of two), placed as the type documentation says.
     pub fn allocate(&mut self, size: u64, is_64bit: bool) -> Result<u64, PciError> {
         let size = size.max(1).next_power_of_two();
-        let high = if is_64bit {
-            self.mmio64.allocate(size)
+        let placed = if !is_64bit {
+            self.mmio32.allocate(size)
+        } else if size >= LARGE_BAR_SIZE {
+            self.mmio64
+                .allocate(size)
+                .or_else(|| self.mmio32.allocate(size))
         } else {
-            None
+            self.mmio32
+                .allocate(size)
+                .or_else(|| self.mmio64.allocate(size))
         };
-        high.or_else(|| self.mmio32.allocate(size))
-            .ok_or(PciError::BarSpace { size })
+        placed.ok_or(PciError::BarSpace { size })
     }
 }
 
@@ -578,9 +601,14 @@ mod tests {
         assert_eq!(ecam_read(&mut ecam, 2, 2, 2), 0x0101);
         assert_eq!(cf8_read(&mut io, 3, 0, 4), u32::MAX, "absent slot");
         assert_eq!(ecam_read(&mut ecam, 31, 0, 4), u32::MAX);
-        assert_eq!(cf8_read(&mut io, 1, 0x10, 4), 0x4, "bar0 low in mmio64");
-        assert_eq!(cf8_read(&mut io, 1, 0x14, 4), 0x40, "bar0 high");
-        assert_eq!(cf8_read(&mut io, 1, 0x18, 4), 0xc000_0000, "bar2");
+        assert_eq!(
+            cf8_read(&mut io, 1, 0x10, 4),
+            0xc000_0004,
+            "64-bit bar0 low"
+        );
+        assert_eq!(cf8_read(&mut io, 1, 0x14, 4), 0, "bar0 below 4 GiB");
+        assert_eq!(cf8_read(&mut io, 1, 0x18, 4), 0xc000_4000, "bar2");
+        assert_eq!(cf8_read(&mut io, 2, 0x10, 4), 0xc000_8004, "next device");
     }
 
     #[test]
@@ -654,12 +682,14 @@ mod tests {
         let mut window = PciMmioWindow::new(root.clone(), MMIO32);
         let mut ecam = PciConfigMmio::new(root.clone());
         let mut data = [0u8; 4];
-        window.read(0x10, &mut data);
+        window.read(0x4010, &mut data);
         assert_eq!(data, [0xff; 4], "decoding off");
         let command = ecam_offset(0, 1, 0, u64::from(COMMAND));
         ecam.write(command, &COMMAND_MEMORY.to_le_bytes());
-        window.read(0x10, &mut data);
+        window.read(0x4010, &mut data);
         assert_eq!(data, [0x30; 4], "bar2 at offset 0x10");
+        window.read(0x10, &mut data);
+        assert_eq!(data, [0x10; 4], "bar0 at offset 0x10");
         assert!(
             moves.lock().unwrap().is_empty(),
             "enabling at the assigned address"
@@ -675,14 +705,14 @@ mod tests {
         let moved = BarMove {
             slot: 1,
             bar: 2,
-            old: MMIO32,
+            old: MMIO32 + 0x4000,
             new: 0xc010_0000,
             size: 0x1000,
         };
         assert_eq!(*moves.lock().unwrap(), vec![moved]);
         assert_eq!(lock(&root).bar(1, 2), Some((0xc010_0000, 0x1000)));
         window.write(0x10_0ffc, &[1, 2, 3, 4]);
-        window.write(0, &[9]);
+        window.write(0x4000, &[9]);
         window.write(0x10_0ffe, &[1, 2, 3, 4]);
 
         // Sizing with decoding on is not a move.
@@ -694,26 +724,94 @@ mod tests {
     }
 
     #[test]
-    fn allocator_aligns_and_runs_out() {
-        let mut allocator = BarAllocator::new(MMIO32, 0x4000, MMIO64, 0x8000);
+    fn allocator_places_bars_below_4g_first_and_aligns() {
+        let mut allocator = BarAllocator::new(MMIO32, 0x10000, MMIO64, 0x40_0000_0000);
         assert_eq!(allocator.allocate(0x1000, false), Ok(MMIO32));
-        assert_eq!(allocator.allocate(0x4000, true), Ok(MMIO64));
-        assert_eq!(allocator.allocate(0x4000, true), Ok(MMIO64 + 0x4000));
         assert_eq!(
-            allocator.allocate(0x2000, true),
+            allocator.allocate(0x4000, true),
+            Ok(MMIO32 + 0x4000),
+            "aligned"
+        );
+        assert_eq!(
+            allocator.allocate(0x1000, true),
+            Ok(MMIO32 + 0x1000),
+            "first fit: the alignment gap"
+        );
+        assert_eq!(
+            allocator.allocate(0x1001, false),
             Ok(MMIO32 + 0x2000),
-            "falls back"
+            "rounded up to 0x2000"
         );
         assert_eq!(
-            allocator.allocate(0x1000, false),
-            Err(PciError::BarSpace { size: 0x1000 })
+            allocator.allocate(0, true),
+            Ok(MMIO32 + 0x8000),
+            "empty bar"
         );
-        let mut below_4g = BarAllocator::new(MMIO32, 0x10000, 0, 0);
-        assert_eq!(below_4g.allocate(0x8000, true), Ok(MMIO32));
+        assert_eq!(
+            allocator.allocate(0x8000, true),
+            Ok(MMIO64),
+            "no aligned 0x8000 left below 4 GiB"
+        );
     }
 
     #[test]
-    fn thirty_one_devices_fit() {
+    fn large_64bit_bars_go_high_and_small_ones_only_when_low_is_full() {
+        let mut allocator = BarAllocator::new(MMIO32, 0x2000_0000, MMIO64, 0x40_0000_0000);
+        assert_eq!(allocator.allocate(LARGE_BAR_SIZE, true), Ok(MMIO64));
+        assert_eq!(
+            allocator.allocate(LARGE_BAR_SIZE / 2, true),
+            Ok(MMIO32),
+            "128 MiB stays low"
+        );
+        assert_eq!(
+            allocator.allocate(LARGE_BAR_SIZE, false),
+            Ok(MMIO32 + LARGE_BAR_SIZE),
+            "a large 32-bit bar has nowhere else to go"
+        );
+        assert_eq!(
+            allocator.allocate(LARGE_BAR_SIZE / 2, true),
+            Ok(MMIO32 + LARGE_BAR_SIZE / 2),
+            "the gap below the aligned 32-bit bar is used"
+        );
+        assert_eq!(
+            allocator.allocate(0x8000, true),
+            Ok(MMIO64 + LARGE_BAR_SIZE),
+            "low window full: above 4 GiB"
+        );
+        assert_eq!(
+            allocator.allocate(0x1000, false),
+            Err(PciError::BarSpace { size: 0x1000 }),
+            "32-bit bars never go high"
+        );
+    }
+
+    #[test]
+    fn large_bars_fall_back_low_and_running_out_is_an_error() {
+        let mut no_high = BarAllocator::new(MMIO32, 0x2000_0000, 0, 0);
+        assert_eq!(no_high.allocate(LARGE_BAR_SIZE, true), Ok(MMIO32));
+        assert_eq!(
+            no_high.allocate(LARGE_BAR_SIZE, true),
+            Ok(MMIO32 + LARGE_BAR_SIZE)
+        );
+        assert_eq!(
+            no_high.allocate(0x1000, true),
+            Err(PciError::BarSpace { size: 0x1000 })
+        );
+        let mut tiny = BarAllocator::new(MMIO32, 0x4000, MMIO64, 0x8000);
+        assert_eq!(tiny.allocate(0x4000, true), Ok(MMIO32));
+        assert_eq!(tiny.allocate(0x8000, true), Ok(MMIO64));
+        assert_eq!(
+            tiny.allocate(0x1000, true),
+            Err(PciError::BarSpace { size: 0x1000 })
+        );
+        assert_eq!(
+            tiny.allocate(1 << 63, true),
+            Err(PciError::BarSpace { size: 1 << 63 })
+        );
+    }
+
+    #[test]
+    fn thirty_one_devices_fit_below_4g() {
         let mut root = PciRoot::new();
         let mut allocator = allocator();
         for id in 0..31 {
@@ -722,6 +820,12 @@ mod tests {
                 root.add_device(Box::new(device), &mut allocator),
                 Ok(id as u8 + 1)
             );
+        }
+        for slot in 1..32 {
+            for bar in [0, 2] {
+                let (address, size) = root.bar(slot, bar).unwrap();
+                assert!(address >= MMIO32 && address + size <= MMIO32 + 0x2000_0000);
+            }
         }
         let (device, _) = TestDevice::new(99);
         assert_eq!(
