@@ -1,8 +1,9 @@
 //! The probe guest: boots through PVH or the Linux 64-bit boot protocol and
 //! reports, one `probe: key=value` fact per line on COM1, what the VMM gave
 //! it (command line, memory map, initrd, ACPI tables, CPUs), starts every AP,
-//! drives the virtio-blk and virtio-net devices it finds on PCI bus 0 (the
-//! network test talks to the host: [`nettest`]), then powers off through
+//! drives the virtio-blk, virtio-net and virtio-fs devices it finds on PCI
+//! bus 0 (the network test talks to the host: [`nettest`]; the file system
+//! checks run over FUSE: [`fstest`]), then powers off through
 //! ACPI like Linux does, or does the test action named by `probe.action=`
 //! ([`action`]).
 //!
@@ -15,6 +16,10 @@ pub mod acpi;
 pub mod action;
 pub mod blk;
 pub mod boot;
+pub mod fs;
+pub mod fsbench;
+pub mod fstest;
+pub mod fuse;
 pub mod inet;
 pub mod io;
 pub mod net;
@@ -81,6 +86,7 @@ extern "C" fn probe_main(protocol: u32, info_addr: u64) -> ! {
         let pci = pci::discover(&acpi, cmdline);
         blk::run(&pci, cmdline);
         net::run(&pci, cmdline);
+        fs::run(&pci, cmdline);
     }
     report_unclaimed_port();
     pit::report();
