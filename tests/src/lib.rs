@@ -4,6 +4,7 @@ pub mod assets;
 pub mod bench;
 pub mod container;
 pub mod disk;
+pub mod fs;
 pub mod net;
 pub mod probe;
 pub mod qemu;
