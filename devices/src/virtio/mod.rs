@@ -89,6 +89,22 @@ pub trait VirtioDevice: Send {
     }
 }
 
+/// Copies `data.len()` bytes of a read-only configuration space from
+/// `offset`; bytes past its end (or at an absurd offset) read as zero.
+pub fn read_config_space(config: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    let Ok(start) = usize::try_from(offset) else {
+        return;
+    };
+    if let Some(src) = config.get(start..) {
+        let n = src.len().min(data.len());
+        data[..n].copy_from_slice(&src[..n]);
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod testing;
+
 pub mod block;
 pub mod fs;
 pub mod net;

@@ -5,13 +5,12 @@ use std::fs::File;
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 
-use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::tempdir::TempDir;
 
+pub use crate::virtio::testing::{descriptors, r, raw, w, Desc};
 use crate::virtio::GuestMemory;
 
 /// Guest memory size of the tests.
@@ -54,66 +53,6 @@ impl Image {
     pub fn contents(&self) -> Vec<u8> {
         std::fs::read(&self.path).unwrap()
     }
-}
-
-/// One descriptor of a test chain.
-#[derive(Clone, Copy, Debug)]
-pub struct Desc {
-    /// Guest address.
-    pub addr: u64,
-    /// Length.
-    pub len: u32,
-    /// Device-writable.
-    pub write: bool,
-}
-
-/// A device-readable descriptor.
-pub fn r(addr: u64, len: u32) -> Desc {
-    Desc {
-        addr,
-        len,
-        write: false,
-    }
-}
-
-/// A device-writable descriptor.
-pub fn w(addr: u64, len: u32) -> Desc {
-    Desc {
-        addr,
-        len,
-        write: true,
-    }
-}
-
-/// Raw split descriptors linking `descs` into one chain whose descriptors
-/// sit at table indices `first..`.
-pub fn raw(descs: &[Desc], first: u16) -> Vec<RawDescriptor> {
-    let last = descs.len().saturating_sub(1);
-    descs
-        .iter()
-        .enumerate()
-        .map(|(i, d)| {
-            let mut flags = if d.write {
-                VRING_DESC_F_WRITE as u16
-            } else {
-                0
-            };
-            let mut next = 0;
-            if i < last {
-                flags |= VRING_DESC_F_NEXT as u16;
-                next = first + i as u16 + 1;
-            }
-            RawDescriptor::from(SplitDescriptor::new(d.addr, d.len, flags, next))
-        })
-        .collect()
-}
-
-/// `descs` as bare descriptors, for feeding `request::process` directly.
-pub fn descriptors(descs: &[Desc]) -> Vec<SplitDescriptor> {
-    raw(descs, 0)
-        .into_iter()
-        .map(SplitDescriptor::from)
-        .collect()
 }
 
 /// A descriptor chain of `descs` on a fresh mock queue at address 0.
