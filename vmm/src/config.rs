@@ -219,11 +219,14 @@ pub struct VmConfig {
 /// One virtio-blk disk (cloud-hypervisor's `DiskConfig` subset).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DiskConfig {
-    /// Raw image file or block device.
+    /// Image file (raw or qcow2) or block device.
     pub path: PathBuf,
     /// Read-only for the guest (and opened read-only on the host).
     #[serde(default)]
     pub readonly: bool,
+    /// How to serve the image (`Unknown`: detect its format).
+    #[serde(default)]
+    pub image_type: DiskImageType,
     /// Serial returned to VIRTIO_BLK_T_GET_ID (at most 20 bytes).
     #[serde(default)]
     pub serial: Option<String>,
@@ -234,6 +237,31 @@ pub struct DiskConfig {
 
 /// Longest serial virtio-blk can return.
 pub const MAX_DISK_SERIAL: usize = 20;
+
+/// A disk's `image_type` (cloud-hypervisor's `ImageType` spelling in JSON,
+/// `raw`/`qcow2` on the command line).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DiskImageType {
+    /// Detect the format (and guard sector 0 of a raw image).
+    #[default]
+    Unknown,
+    /// Serve the file as raw sectors, whatever it looks like.
+    Raw,
+    /// Serve the file as a qcow2 image.
+    Qcow2,
+}
+
+impl DiskImageType {
+    /// The type the device is told to use; `None` means detect.
+    pub fn forced(self) -> Option<devices::virtio::block::ImageType> {
+        use devices::virtio::block::ImageType;
+        match self {
+            DiskImageType::Unknown => None,
+            DiskImageType::Raw => Some(ImageType::Raw),
+            DiskImageType::Qcow2 => Some(ImageType::Qcow2),
+        }
+    }
+}
 
 /// What to look for on the console (kernel developers' options).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -532,17 +560,30 @@ pub fn shared_memory_given(input: &str) -> Result<Option<bool>, ConfigError> {
     OptionParser::parse("memory", &["size", "shared"], input)?.toggle("shared")
 }
 
-/// Parses one `--disk path=P[,readonly=on][,serial=S][,id=ID]` (a bare
-/// value is the path).
+/// Parses one `--disk path=P[,readonly=on][,image_type=raw|qcow2]
+/// [,serial=S][,id=ID]` (a bare value is the path).
 pub fn parse_disk(input: &str) -> Result<DiskConfig, ConfigError> {
-    let options = OptionParser::parse("disk", &["path", "readonly", "serial", "id"], input)?;
+    let keys = ["path", "readonly", "image_type", "serial", "id"];
+    let options = OptionParser::parse("disk", &keys, input)?;
     let path = match options.get("path") {
         Some(path) if !path.is_empty() => PathBuf::from(path),
         _ => return Err(options.bad_value("path", "", "expected path=FILE")),
     };
+    let image_type = match options.get("image_type") {
+        None => DiskImageType::Unknown,
+        Some(value) => match value.to_ascii_lowercase().as_str() {
+            "raw" => DiskImageType::Raw,
+            "qcow2" => DiskImageType::Qcow2,
+            _ => {
+                let why = "expected raw or qcow2 (zvmm serves no other image types)";
+                return Err(options.bad_value("image_type", value, why));
+            }
+        },
+    };
     Ok(DiskConfig {
         path,
         readonly: options.toggle("readonly")?.unwrap_or(false),
+        image_type,
         serial: options.get("serial").map(String::from),
         id: options.get("id").map(String::from),
     })
@@ -676,6 +717,39 @@ mod tests {
         assert!(parse_disk("readonly=on").is_err());
         assert!(parse_disk("path=/x,readonly=perhaps").is_err());
         assert!(parse_disk("path=/x,cache=none").is_err());
+    }
+
+    #[test]
+    fn disk_image_types_parse_and_serialize_like_cloud_hypervisor() {
+        let image_type = |input: &str| parse_disk(input).map(|d| d.image_type);
+        assert_eq!(image_type("/x").unwrap(), DiskImageType::Unknown);
+        assert_eq!(
+            image_type("path=/x,image_type=raw").unwrap(),
+            DiskImageType::Raw
+        );
+        assert_eq!(
+            image_type("path=/x,image_type=QCOW2").unwrap(),
+            DiskImageType::Qcow2
+        );
+        let err = image_type("path=/x,image_type=vhdx")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("vhdx") && err.contains("expected raw or qcow2"),
+            "{err}"
+        );
+        assert_eq!(DiskImageType::Unknown.forced(), None);
+        assert_eq!(
+            DiskImageType::Qcow2.forced(),
+            Some(devices::virtio::block::ImageType::Qcow2)
+        );
+        let json = r#"{"path":"/x","image_type":"Qcow2"}"#;
+        let disk: DiskConfig = serde_json::from_str(json).unwrap();
+        assert_eq!(disk.image_type, DiskImageType::Qcow2);
+        let disk: DiskConfig = serde_json::from_str(r#"{"path":"/x"}"#).unwrap();
+        assert_eq!(disk.image_type, DiskImageType::Unknown);
+        let text = serde_json::to_string(&disk).unwrap();
+        assert!(text.contains(r#""image_type":"Unknown""#), "{text}");
     }
 
     #[test]

@@ -40,6 +40,7 @@ pub fn virtio_devices(
         let block = Block::new(BlockConfig {
             path: disk.path.clone(),
             readonly: disk.readonly,
+            image_type: disk.image_type.forced(),
             serial: disk.serial.clone(),
             id: disk.id.clone(),
         })?;
@@ -93,6 +94,7 @@ mod tests {
         DiskConfig {
             path: path.into(),
             readonly,
+            image_type: Default::default(),
             serial: None,
             id: None,
         }

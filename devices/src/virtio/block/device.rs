@@ -13,7 +13,8 @@ use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRE
 use virtio_queue::QueueT;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::disk::{DiskError, DiskFile, SECTOR_SIZE};
+use super::disk::SECTOR_SIZE;
+use super::image::{DiskImage, ImageError, ImageType};
 use super::request::{Backend, BlockCounters, ID_BYTES, MAX_DISCARD_SECTORS, MAX_DISCARD_SEGMENTS};
 use super::worker::Worker;
 use crate::virtio::{ActivateContext, ActivateError, VirtioDevice, VIRTIO_F_VERSION_1};
@@ -68,10 +69,13 @@ pub mod offsets {
 /// How to attach one disk.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct BlockConfig {
-    /// Raw image file or block device.
+    /// Image file (raw or qcow2) or block device.
     pub path: PathBuf,
     /// Attach read-only (O_RDONLY, shared lock, VIRTIO_BLK_F_RO).
     pub readonly: bool,
+    /// Serve the image as this type; `None`: as detected (and guard
+    /// sector 0 of a raw image, see [`DiskImage::guards_sector0`]).
+    pub image_type: Option<ImageType>,
     /// GET_ID answer (at most 20 printable ASCII bytes); default derived
     /// from the file's device and inode numbers.
     pub serial: Option<String>,
@@ -83,9 +87,9 @@ pub struct BlockConfig {
 /// A disk could not be attached.
 #[derive(Debug, thiserror::Error)]
 pub enum BlockError {
-    /// Opening, sizing or locking the image failed.
+    /// Opening, detecting, sizing or locking the image failed.
     #[error(transparent)]
-    Disk(#[from] DiskError),
+    Image(#[from] ImageError),
     /// The serial does not fit the 20-byte GET_ID answer.
     #[error("disk serial '{serial}' must be at most 20 printable ASCII characters")]
     Serial {
@@ -99,7 +103,7 @@ struct Running {
     thread: JoinHandle<EventFd>,
 }
 
-/// A virtio-blk device on a raw image.
+/// A virtio-blk device on a raw or qcow2 image.
 pub struct Block {
     id: String,
     backend: Backend,
@@ -113,7 +117,7 @@ impl Block {
     /// Opens and locks the image and prepares the device.
     pub fn new(config: BlockConfig) -> Result<Block, BlockError> {
         let serial = config.serial.as_deref().map(serial_bytes).transpose()?;
-        let disk = DiskFile::open(&config.path, config.readonly)?;
+        let disk = DiskImage::open(&config.path, config.readonly, config.image_type)?;
         let id = config
             .id
             .clone()
@@ -190,14 +194,7 @@ impl VirtioDevice for Block {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        data.fill(0);
-        let Ok(start) = usize::try_from(offset) else {
-            return;
-        };
-        if let Some(src) = self.config.get(start..) {
-            let n = src.len().min(data.len());
-            data[..n].copy_from_slice(&src[..n]);
-        }
+        crate::virtio::read_config_space(&self.config, offset, data);
     }
 
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {
@@ -274,7 +271,7 @@ fn features(readonly: bool) -> u64 {
 }
 
 /// The configuration space of `disk`.
-fn config_space(disk: &DiskFile) -> [u8; offsets::SIZE] {
+fn config_space(disk: &DiskImage) -> [u8; offsets::SIZE] {
     let mut config = [0u8; offsets::SIZE];
     let mut put =
         |offset: usize, bytes: &[u8]| config[offset..offset + bytes.len()].copy_from_slice(bytes);
@@ -321,7 +318,7 @@ fn serial_bytes(serial: &str) -> Result<[u8; ID_BYTES], BlockError> {
 /// 20 hex digits: the low 32 bits of the device number and the low 48
 /// bits of the inode (block devices: their device number), so the same
 /// image gets the same serial across boots.
-fn derived_serial(disk: &DiskFile) -> [u8; ID_BYTES] {
+fn derived_serial(disk: &DiskImage) -> [u8; ID_BYTES] {
     let (dev, ino) = disk.identity();
     let text = format!("{:08x}{:012x}", dev & 0xffff_ffff, ino & 0xffff_ffff_ffff);
     let mut id = [0u8; ID_BYTES];
@@ -358,6 +355,7 @@ mod tests {
         BlockConfig {
             path: image.path.clone(),
             readonly,
+            image_type: None,
             serial: None,
             id: Some("t0".to_string()),
         }
@@ -510,7 +508,12 @@ mod tests {
         let mut cfg = config(&image, false);
         cfg.path = image.path.with_file_name("nope.raw");
         let err = Block::new(cfg).err().unwrap();
-        assert!(matches!(err, BlockError::Disk(DiskError::Missing { .. })));
+        assert!(matches!(
+            err,
+            BlockError::Image(ImageError::Disk(
+                crate::virtio::block::DiskError::Missing { .. }
+            ))
+        ));
         assert!(err.to_string().contains("nope.raw does not exist"), "{err}");
         let _first = Block::new(config(&image, false)).unwrap();
         let err = Block::new(config(&image, false)).err().unwrap();

@@ -153,7 +153,87 @@ pub enum DiskError {
     },
 }
 
-/// An open, locked disk image.
+/// An image file or block device opened and locked (see the module doc),
+/// before anything interprets its contents.
+#[derive(Debug)]
+pub struct LockedImage {
+    file: File,
+    path: PathBuf,
+    readonly: bool,
+    meta: Metadata,
+    size: u64,
+}
+
+impl LockedImage {
+    /// Opens `path` read-only or read-write and locks it.
+    pub fn open(path: &Path, readonly: bool) -> Result<LockedImage, DiskError> {
+        let before = stat_path(path)?;
+        let block_device = before.file_type().is_block_device();
+        let file = open_file(path, readonly, block_device)?;
+        let size_error = |source| DiskError::Size {
+            path: path.to_path_buf(),
+            source,
+        };
+        let meta = file.metadata().map_err(size_error)?;
+        check_kind(path, &meta)?;
+        lock_file(&file, path, &meta, readonly)?;
+        let size = file_or_device_size(&file, &meta).map_err(size_error)?;
+        Ok(LockedImage {
+            file,
+            path: path.to_path_buf(),
+            readonly,
+            meta,
+            size,
+        })
+    }
+
+    /// The open file; the lock lasts as long as it (or a clone) is open.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// Gives up the wrapper; the file keeps the lock.
+    pub fn into_file(self) -> File {
+        self.file
+    }
+
+    /// The path the image was opened by.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Whether the image was opened read-only.
+    pub fn readonly(&self) -> bool {
+        self.readonly
+    }
+
+    /// Whether the image is a block device.
+    pub fn is_block_device(&self) -> bool {
+        self.meta.file_type().is_block_device()
+    }
+
+    /// Bytes of the file or device.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// (st_dev, st_ino) of a file, (st_rdev, 0) of a block device.
+    pub fn identity(&self) -> (u64, u64) {
+        if self.is_block_device() {
+            (self.meta.rdev(), 0)
+        } else {
+            (self.meta.dev(), self.meta.ino())
+        }
+    }
+
+    /// Discard granularity: the file system block size for files, 4 KiB
+    /// for block devices; a power of two in 512..=1 MiB.
+    pub fn granularity(&self) -> u32 {
+        discard_granularity(&self.meta, self.is_block_device())
+    }
+}
+
+/// An open, locked raw disk image.
 #[derive(Debug)]
 pub struct DiskFile {
     file: File,
@@ -174,29 +254,21 @@ pub struct DiskFile {
 impl DiskFile {
     /// Opens `path` read-only or read-write and locks it (see module doc).
     pub fn open(path: &Path, readonly: bool) -> Result<DiskFile, DiskError> {
-        let before = stat_path(path)?;
-        let block_device = before.file_type().is_block_device();
-        let file = open_file(path, readonly, block_device)?;
-        let meta = file.metadata().map_err(|source| DiskError::Size {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        check_kind(path, &meta)?;
-        lock_file(&file, path, &meta, readonly)?;
-        let size = disk_size(&file, path, &meta)?;
-        let identity = if block_device {
-            (meta.rdev(), 0)
-        } else {
-            (meta.dev(), meta.ino())
-        };
+        DiskFile::from_locked(LockedImage::open(path, readonly)?)
+    }
+
+    /// Serves a locked image as raw sectors; its size must be a non-zero
+    /// multiple of [`SECTOR_SIZE`].
+    pub fn from_locked(image: LockedImage) -> Result<DiskFile, DiskError> {
+        check_raw_size(&image.path, image.size)?;
         Ok(DiskFile {
-            file,
-            path: path.to_path_buf(),
-            readonly,
-            block_device,
-            size,
-            identity,
-            granularity: discard_granularity(&meta, block_device),
+            block_device: image.is_block_device(),
+            identity: image.identity(),
+            granularity: image.granularity(),
+            size: image.size,
+            readonly: image.readonly,
+            path: image.path,
+            file: image.file,
             can_punch: AtomicBool::new(true),
             can_discard: AtomicBool::new(true),
             can_zero_range: AtomicBool::new(true),
@@ -592,28 +664,29 @@ fn lock_holder(meta: &Metadata) -> Option<String> {
     None
 }
 
-fn disk_size(file: &File, path: &Path, meta: &Metadata) -> Result<u64, DiskError> {
-    let size = if meta.file_type().is_block_device() {
-        let mut size = 0u64;
-        let request = ioctl_expr(
-            _IOC_READ,
-            BLOCK_IOCTL,
-            114,
-            std::mem::size_of::<u64>() as u32,
-        );
-        // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which
-        // `size` provides; the fd is an open block device.
-        let ret = unsafe { ioctl_with_mut_ref(file, request, &mut size) };
-        if ret < 0 {
-            return Err(DiskError::Size {
-                path: path.to_path_buf(),
-                source: io::Error::last_os_error(),
-            });
-        }
-        size
-    } else {
-        meta.len()
-    };
+/// The length of a file, or a block device's size (`BLKGETSIZE64`).
+pub(crate) fn file_or_device_size(file: &File, meta: &Metadata) -> io::Result<u64> {
+    if !meta.file_type().is_block_device() {
+        return Ok(meta.len());
+    }
+    let mut size = 0u64;
+    let request = ioctl_expr(
+        _IOC_READ,
+        BLOCK_IOCTL,
+        114,
+        std::mem::size_of::<u64>() as u32,
+    );
+    // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which
+    // `size` provides; the fd is an open block device.
+    let ret = unsafe { ioctl_with_mut_ref(file, request, &mut size) };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(size)
+}
+
+/// A raw image must have sectors, and whole ones.
+fn check_raw_size(path: &Path, size: u64) -> Result<(), DiskError> {
     if size == 0 {
         return Err(DiskError::Empty {
             path: path.to_path_buf(),
@@ -625,7 +698,7 @@ fn disk_size(file: &File, path: &Path, meta: &Metadata) -> Result<u64, DiskError
             size,
         });
     }
-    Ok(size)
+    Ok(())
 }
 
 /// The file system block size for files (where holes can be punched),

@@ -1,7 +1,12 @@
-//! virtio-blk on raw images and block devices.
+//! virtio-blk on raw images, qcow2 images and block devices.
 //!
-//! - [`disk`]: the host file — open, lock, size, vectored I/O, flush,
-//!   discard, write-zeroes.
+//! - [`format`]: what an image file holds, by its magic numbers (raw,
+//!   qcow2, VMDK, VHD, VHDX, ISO 9660, ...), its size and backing file.
+//! - [`image`]: [`DiskImage`], which format an image is served as (the
+//!   refusals, the sector-0 guard) and the one interface requests use.
+//! - [`disk`]: raw files and block devices — open, lock, size, vectored
+//!   I/O, flush, discard, write-zeroes.
+//! - [`qcow2`]: qcow2 images and their backing chains through imago.
 //! - [`request`]: parsing, validating and running one request.
 //! - [`device`]: [`Block`], the [`VirtioDevice`](crate::virtio::VirtioDevice)
 //!   with its feature offer and configuration space.
@@ -12,7 +17,9 @@
 //! KVM signals on a kick, so a kick costs no VM exit to userspace on the
 //! vCPU side) and a stop eventfd; it then drains the available ring,
 //! running each request with one synchronous `preadv`/`pwritev` straight
-//! between the file and guest memory (no bounce buffer), and interrupts
+//! between the file and guest memory (no bounce buffer; a qcow2 request
+//! goes through imago, which splits it at cluster boundaries and reads or
+//! writes each piece the same way), and interrupts
 //! the driver once per batch when EVENT_IDX says it is wanted. Per request
 //! the only system calls are the I/O itself; per batch, the eventfd read,
 //! the interrupt and `epoll_wait`. This is simple and matches what the page
@@ -26,6 +33,9 @@
 
 pub mod device;
 pub mod disk;
+pub mod format;
+pub mod image;
+pub mod qcow2;
 pub mod request;
 mod worker;
 
@@ -33,6 +43,9 @@ mod worker;
 mod testing;
 
 pub use device::{Block, BlockConfig, BlockError, BLOCK_DEVICE_TYPE, QUEUE_SIZE};
-pub use disk::{DiskError, DiskFile, SECTOR_SIZE};
+pub use disk::{DiskError, DiskFile, LockedImage, SECTOR_SIZE};
+pub use format::{detect, ImageFormat, ImageInfo};
+pub use image::{DiskImage, ImageError, ImageType};
+pub use qcow2::{Qcow2Disk, Qcow2Error};
 pub use request::{BlockCounters, RequestError};
 pub use worker::WorkerError;

@@ -1,5 +1,5 @@
 //! One virtio-blk request (virtio 1.2 §5.2.6): collecting a descriptor
-//! chain, validating it, running it against the [`DiskFile`] and writing
+//! chain, validating it, running it against the [`DiskImage`] and writing
 //! the status byte.
 //!
 //! The layout is parsed as byte streams, not per descriptor (virtio 1.x
@@ -16,6 +16,13 @@
 //! unknown write-zeroes flags get `VIRTIO_BLK_S_UNSUPP`. A chain without a
 //! writable byte for the status is returned with used length 0. The used
 //! length is the bytes written to guest memory, status byte included.
+//!
+//! On a raw image whose type was detected ([`DiskImage::guards_sector0`]),
+//! a write whose first sector would make sector 0 read as another format
+//! (qcow2, VMDK, VHDX, ...) is refused with `VIRTIO_BLK_S_IOERR`, counted
+//! (`sector0_writes_refused`) and reported on stderr the first time. The
+//! checked sector is copied out of guest memory first and written from that
+//! copy, so the guest cannot change it between check and write.
 
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -29,7 +36,9 @@ use virtio_bindings::virtio_blk::{
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, VolatileSlice};
 
-use super::disk::{DiskFile, SECTOR_SIZE};
+use super::disk::SECTOR_SIZE;
+use super::format;
+use super::image::DiskImage;
 use crate::virtio::GuestMemory;
 
 /// Bytes in the request header (type, reserved, sector).
@@ -57,6 +66,9 @@ pub enum RequestError {
     /// A write-type request on a read-only disk.
     #[error("write to a read-only disk")]
     ReadOnly,
+    /// A write that would make a detected raw image read as another format.
+    #[error("write would make sector 0 look like {0}")]
+    Sector0(format::ImageFormat),
     /// An unknown request type or write-zeroes flag.
     #[error("unsupported request type {0}")]
     Unsupported(u32),
@@ -83,6 +95,7 @@ pub struct BlockCounters {
     host_errors: AtomicU64,
     unsupported: AtomicU64,
     invalid_chains: AtomicU64,
+    sector0_writes_refused: AtomicU64,
 }
 
 impl BlockCounters {
@@ -102,6 +115,7 @@ impl BlockCounters {
             ("host_errors", get(&self.host_errors)),
             ("unsupported", get(&self.unsupported)),
             ("invalid_chains", get(&self.invalid_chains)),
+            ("sector0_writes_refused", get(&self.sector0_writes_refused)),
         ]
     }
 }
@@ -114,7 +128,7 @@ fn bump(counter: &AtomicU64, by: u64) {
 #[derive(Clone, Debug)]
 pub(crate) struct Backend {
     /// The image.
-    pub disk: Arc<DiskFile>,
+    pub disk: Arc<DiskImage>,
     /// The GET_ID answer.
     pub id: [u8; ID_BYTES],
     /// Statistics.
@@ -249,8 +263,12 @@ fn execute(chain: &Chain, mem: &GuestMemory, backend: &Backend) -> Result<u32, R
             writable_disk(disk)?;
             let len = chain.readable_len - HEADER_SIZE;
             let offset = byte_range(disk, sector, len)?;
-            let slices = guest_slices(mem, &chain.readable, HEADER_SIZE, len)?;
-            disk.write_at(&slices, offset).map_err(RequestError::Io)?;
+            if offset == 0 && len > 0 && disk.guards_sector0() {
+                write_sector0_checked(chain, mem, backend, len)?;
+            } else {
+                let slices = guest_slices(mem, &chain.readable, HEADER_SIZE, len)?;
+                disk.write_at(&slices, offset).map_err(RequestError::Io)?;
+            }
             bump(&counters.write_requests, 1);
             bump(&counters.write_bytes, len);
             Ok(0)
@@ -302,7 +320,43 @@ fn expect_lengths(
     Ok(())
 }
 
-fn writable_disk(disk: &DiskFile) -> Result<(), RequestError> {
+/// Writes `len` bytes at sector 0 unless their first sector would be
+/// detected as another format; that sector goes from a host copy.
+fn write_sector0_checked(
+    chain: &Chain,
+    mem: &GuestMemory,
+    backend: &Backend,
+    len: u64,
+) -> Result<(), RequestError> {
+    let mut first = [0u8; SECTOR_SIZE as usize];
+    copy_from_guest(mem, &chain.readable, HEADER_SIZE, &mut first)?;
+    if let Some(format) = format::sector0_format(&first) {
+        let counters = &backend.counters;
+        if counters
+            .sector0_writes_refused
+            .fetch_add(1, Ordering::Relaxed)
+            == 0
+        {
+            eprintln!(
+                "zvmm: disk {}: refused a guest write that would make sector 0 look like {format} \
+                 (the raw format was detected, not given; image_type=raw allows such writes)",
+                backend.disk.path().display()
+            );
+        }
+        return Err(RequestError::Sector0(format));
+    }
+    let mut slices = vec![VolatileSlice::from(&mut first[..])];
+    let rest = len - SECTOR_SIZE;
+    slices.extend(guest_slices(
+        mem,
+        &chain.readable,
+        HEADER_SIZE + SECTOR_SIZE,
+        rest,
+    )?);
+    backend.disk.write_at(&slices, 0).map_err(RequestError::Io)
+}
+
+fn writable_disk(disk: &DiskImage) -> Result<(), RequestError> {
     if disk.readonly() {
         return Err(RequestError::ReadOnly);
     }
@@ -311,7 +365,7 @@ fn writable_disk(disk: &DiskFile) -> Result<(), RequestError> {
 
 /// The byte offset of `len` bytes at `sector`, checked to be whole sectors
 /// within the disk.
-fn byte_range(disk: &DiskFile, sector: u64, len: u64) -> Result<u64, RequestError> {
+fn byte_range(disk: &DiskImage, sector: u64, len: u64) -> Result<u64, RequestError> {
     if !len.is_multiple_of(SECTOR_SIZE) {
         return Err(RequestError::Malformed("data length not a multiple of 512"));
     }
@@ -443,7 +497,7 @@ mod tests {
 
     fn backend(image: &Image, readonly: bool) -> Backend {
         Backend {
-            disk: Arc::new(DiskFile::open(&image.path, readonly).unwrap()),
+            disk: Arc::new(DiskImage::open(&image.path, readonly, None).unwrap()),
             id: *b"test-serial-0123456\0",
             counters: Arc::new(BlockCounters::default()),
         }

@@ -98,3 +98,19 @@ pub fn pattern(seed: u8, len: usize) -> Vec<u8> {
         .map(|i| seed.wrapping_mul(31).wrapping_add((i % 251) as u8) | 1)
         .collect()
 }
+
+/// Runs `qemu-img ARGS`, which must succeed; returns its stdout.
+pub fn qemu_img(args: &[&str]) -> String {
+    let output = std::process::Command::new("qemu-img")
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("cannot run qemu-img ({e}); install qemu-utils (resources/install-host-deps.sh)")
+        });
+    assert!(
+        output.status.success(),
+        "qemu-img {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
