@@ -649,6 +649,65 @@ mod tests {
     }
 
     #[test]
+    fn worker_serves_a_qcow2_overlay() {
+        let dir = Image::new(0);
+        let file = |name: &str| dir.path.with_file_name(name).display().to_string();
+        let (base, overlay) = (file("base.qcow2"), file("overlay.qcow2"));
+        qemu_img(&["create", "-q", "-f", "qcow2", &base, "2M"]);
+        let qemu_io = std::process::Command::new("qemu-io")
+            .args(["-f", "qcow2", "-c", "write -P 7 1024 512", &base])
+            .output()
+            .expect("qemu-io (qemu-utils)");
+        assert!(qemu_io.status.success(), "{qemu_io:?}");
+        let backing = ["-b", "base.qcow2", "-F", "qcow2"];
+        qemu_img(&[&["create", "-q", "-f", "qcow2"][..], &backing, &[&overlay]].concat());
+        let mut cfg = config(&dir, false);
+        cfg.path = overlay.clone().into();
+        let mut block = Block::new(cfg).unwrap();
+        assert_eq!(block.capacity(), 2 * MIB / 512);
+        block.ack_features(block.device_features());
+        let mem = memory();
+        let vq = MockSplitQueue::new(&mem, QUEUE_SIZE);
+        let kick = EventFd::new(EFD_NONBLOCK).unwrap();
+        let irq = Arc::new(RecordingInterrupt::default());
+        let queue = vq.create_queue::<Queue>().unwrap();
+        let context = ActivateContext {
+            mem: mem.clone(),
+            interrupt: irq.clone(),
+            queues: vec![(0, queue, kick.try_clone().unwrap())],
+        };
+        block.activate(context).unwrap();
+        // The base's sector 2 shows through; a write goes to the overlay.
+        header(&mem, HEADER, VIRTIO_BLK_T_IN, 2);
+        let read = [r(HEADER, 16), w(DATA, 512), w(STATUS, 1)];
+        submit(&vq, &kick, &irq, &read, 0, (1, 1));
+        assert_eq!(byte_at(&mem, STATUS), 0);
+        assert_eq!(bytes_at(&mem, DATA, 512), vec![7; 512]);
+        let data = pattern(3, 1024);
+        header(&mem, HEADER, VIRTIO_BLK_T_OUT, 3);
+        mem.write_slice(&data, GuestAddress(DATA)).unwrap();
+        let write = [r(HEADER, 16), r(DATA, 1024), w(STATUS, 1)];
+        submit(&vq, &kick, &irq, &write, 3, (2, 1));
+        assert_eq!(byte_at(&mem, STATUS), 0);
+        assert_eq!(block.reset().len(), 1);
+        drop(block);
+        // On the host: the overlay is base + the write, the base as it was.
+        let mut expected = vec![0u8; 2 * MIB as usize];
+        expected[1024..1536].fill(7);
+        std::fs::write(file("base.raw"), &expected).unwrap();
+        expected[1536..2560].copy_from_slice(&data);
+        std::fs::write(file("overlay.raw"), &expected).unwrap();
+        for (image, raw) in [(&overlay, file("overlay.raw")), (&base, file("base.raw"))] {
+            assert!(qemu_img(&["check", image]).contains("No errors were found"));
+            let compare = qemu_img(&["compare", image, &raw]);
+            assert!(
+                compare.contains("Images are identical"),
+                "{image}: {compare}"
+            );
+        }
+    }
+
+    #[test]
     fn activation_needs_exactly_one_queue() {
         let image = Image::new(MIB);
         let mut block = Block::new(config(&image, false)).unwrap();

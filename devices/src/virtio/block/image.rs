@@ -371,7 +371,7 @@ fn shell_quote(path: &Path) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::virtio::block::testing::{qemu_img, Image};
+    use crate::virtio::block::testing::{open_image, open_retrying, qemu_img, Image};
     use std::os::unix::fs::FileExt;
 
     const MIB: u64 = 1 << 20;
@@ -392,7 +392,7 @@ mod tests {
     }
 
     fn open_err(path: &Path, readonly: bool, image_type: Option<ImageType>) -> String {
-        DiskImage::open(path, readonly, image_type)
+        open_retrying(path, readonly, image_type)
             .unwrap_err()
             .to_string()
     }
@@ -461,7 +461,7 @@ mod tests {
         let words: Vec<&str> = command.split(' ').collect();
         assert_eq!(words[0], "qemu-img");
         qemu_img(&words[1..]);
-        let raw = DiskImage::open(&path.with_extension("raw"), false, None).unwrap();
+        let raw = open_image(&path.with_extension("raw"), false, None);
         // The fixed VHD's data without its footer.
         assert_eq!(raw.size(), std::fs::metadata(&path).unwrap().len() - 512);
         assert_eq!(raw.image_type(), ImageType::Raw);
@@ -483,11 +483,11 @@ mod tests {
                  not alter; attach it with readonly=on (image_type=raw serves it writable)"
             )
         );
-        let ro = DiskImage::open(&image.path, true, None).unwrap();
+        let ro = open_image(&image.path, true, None);
         assert_eq!((ro.image_type(), ro.size()), (ImageType::Raw, MIB));
         assert_eq!(ro.info().format, ImageFormat::Iso9660);
         drop(ro);
-        let forced = DiskImage::open(&image.path, false, Some(ImageType::Raw)).unwrap();
+        let forced = open_image(&image.path, false, Some(ImageType::Raw));
         assert!(!forced.readonly() && !forced.guards_sector0());
     }
 
@@ -534,7 +534,7 @@ mod tests {
             .unwrap()
             .set_len(size.next_multiple_of(512))
             .unwrap();
-        let raw = DiskImage::open(&path, true, Some(ImageType::Raw)).unwrap();
+        let raw = open_image(&path, true, Some(ImageType::Raw));
         assert_eq!(raw.image_type(), ImageType::Raw);
         // Served as the file's bytes: the qcow2 file, not the 1 MiB disk.
         assert_eq!(raw.size(), size.next_multiple_of(512));
@@ -546,7 +546,7 @@ mod tests {
             message.ends_with("name any host file as its backing file"),
             "{message}"
         );
-        assert!(DiskImage::open(&vmdk, true, Some(ImageType::Raw)).is_ok());
+        open_image(&vmdk, true, Some(ImageType::Raw));
     }
 
     #[test]
@@ -562,7 +562,7 @@ mod tests {
         );
         let (_dir, path) = scratch("a.qcow2");
         create(&path, &["-f", "qcow2"], "3M");
-        let qcow2 = DiskImage::open(&path, false, Some(ImageType::Qcow2)).unwrap();
+        let qcow2 = open_image(&path, false, Some(ImageType::Qcow2));
         assert_eq!(
             (qcow2.image_type(), qcow2.size()),
             (ImageType::Qcow2, 3 * MIB)
@@ -573,18 +573,14 @@ mod tests {
     #[test]
     fn sector0_is_guarded_only_on_detected_writable_raw_images() {
         let image = Image::new(MIB);
-        assert!(DiskImage::open(&image.path, false, None)
-            .unwrap()
-            .guards_sector0());
-        assert!(!DiskImage::open(&image.path, true, None)
-            .unwrap()
-            .guards_sector0());
-        let forced = DiskImage::open(&image.path, false, Some(ImageType::Raw)).unwrap();
+        assert!(open_image(&image.path, false, None).guards_sector0());
+        assert!(!open_image(&image.path, true, None).guards_sector0());
+        let forced = open_image(&image.path, false, Some(ImageType::Raw));
         assert!(!forced.guards_sector0());
         drop(forced);
         let (_dir, path) = scratch("a.qcow2");
         create(&path, &["-f", "qcow2"], "1M");
-        let detected = DiskImage::open(&path, false, None).unwrap();
+        let detected = open_image(&path, false, None);
         assert_eq!(detected.image_type(), ImageType::Qcow2);
         assert!(!detected.guards_sector0());
     }
@@ -606,7 +602,7 @@ mod tests {
             .unwrap()
             .write_all_at(b"x", 0)
             .unwrap();
-        assert!(DiskImage::open(&path, false, None).is_ok());
+        open_image(&path, false, None);
     }
 
     #[test]

@@ -20,6 +20,7 @@
 //! concurrent request still maps.
 
 use std::io;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::RwLock;
 
@@ -41,7 +42,7 @@ pub const MAX_CHAIN: usize = 16;
 const ZERO_CHUNK: usize = 64 * 1024;
 static ZEROES: [u8; ZERO_CHUNK] = [0; ZERO_CHUNK];
 
-type Image = FormatAccess<ImagoFile>;
+type ImagoImage = FormatAccess<ImagoFile>;
 
 /// A qcow2 image or its backing chain could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -126,7 +127,7 @@ pub enum Qcow2Error {
 /// An open qcow2 image with its backing chain.
 #[derive(Debug)]
 pub struct Qcow2Disk {
-    image: RwLock<Image>,
+    image: RwLock<ImagoImage>,
     path: PathBuf,
     readonly: bool,
     size: u64,
@@ -262,7 +263,7 @@ impl Qcow2Disk {
         Ok(())
     }
 
-    fn shared(&self) -> std::sync::RwLockReadGuard<'_, Image> {
+    fn shared(&self) -> std::sync::RwLockReadGuard<'_, ImagoImage> {
         self.image.read().unwrap_or_else(|e| e.into_inner())
     }
 }
@@ -299,7 +300,7 @@ fn check_header<'i>(
 }
 
 /// Opens the qcow2 image in `locked` through imago with `backing` below it.
-fn open_qcow2(locked: LockedImage, backing: Option<Image>) -> Result<Image, Qcow2Error> {
+fn open_qcow2(locked: LockedImage, backing: Option<ImagoImage>) -> Result<ImagoImage, Qcow2Error> {
     let path = locked.path().to_path_buf();
     let writable = !locked.readonly();
     let open_error = |source| Qcow2Error::Open {
@@ -315,7 +316,7 @@ fn open_qcow2(locked: LockedImage, backing: Option<Image>) -> Result<Image, Qcow
 }
 
 /// Opens a raw backing file through imago.
-fn open_raw(locked: LockedImage) -> Result<Image, Qcow2Error> {
+fn open_raw(locked: LockedImage) -> Result<ImagoImage, Qcow2Error> {
     let path = locked.path().to_path_buf();
     let open_error = |source| Qcow2Error::Open {
         path: path.clone(),
@@ -337,7 +338,11 @@ struct ChainBuilder {
 impl ChainBuilder {
     /// The backing image of `image` (described by `info`), opened with its
     /// own backing chain, or `None`.
-    fn backing_of(&mut self, image: &Path, info: &ImageInfo) -> Result<Option<Image>, Qcow2Error> {
+    fn backing_of(
+        &mut self,
+        image: &Path,
+        info: &ImageInfo,
+    ) -> Result<Option<ImagoImage>, Qcow2Error> {
         let Some(name) = info.backing_file.as_deref() else {
             return Ok(None);
         };
@@ -370,8 +375,22 @@ impl ChainBuilder {
         }
     }
 
-    /// Opens `backing` read-only (shared lock), refusing a loop.
+    /// Opens `backing` read-only (shared lock), refusing a loop first (a
+    /// writable top image would otherwise show up as a lock conflict).
     fn lock(&mut self, image: &Path, backing: &Path) -> Result<LockedImage, Qcow2Error> {
+        if let Ok(meta) = std::fs::metadata(backing) {
+            let identity = if meta.file_type().is_block_device() {
+                (meta.rdev(), 0)
+            } else {
+                (meta.dev(), meta.ino())
+            };
+            if self.seen.contains(&identity) {
+                return Err(Qcow2Error::Loop {
+                    image: self.top.clone(),
+                    backing: backing.to_path_buf(),
+                });
+            }
+        }
         let locked = LockedImage::open(backing, true).map_err(|e| match e {
             DiskError::Missing { .. } => Qcow2Error::BackingMissing {
                 image: image.to_path_buf(),
@@ -379,14 +398,7 @@ impl ChainBuilder {
             },
             other => Qcow2Error::Disk(other),
         })?;
-        let identity = locked.identity();
-        if self.seen.contains(&identity) {
-            return Err(Qcow2Error::Loop {
-                image: self.top.clone(),
-                backing: backing.to_path_buf(),
-            });
-        }
-        self.seen.push(identity);
+        self.seen.push(locked.identity());
         Ok(locked)
     }
 }
@@ -439,3 +451,6 @@ fn resolve_backing(image: &Path, name: &str) -> Result<PathBuf, Qcow2Error> {
     let dir = image.parent().unwrap_or(Path::new(""));
     Ok(dir.join(name))
 }
+
+#[cfg(test)]
+mod tests;

@@ -492,12 +492,13 @@ fn copy_to_guest(mem: &GuestMemory, segments: &[Segment], data: &[u8]) -> Result
 mod tests {
     use super::*;
     use crate::virtio::block::testing::*;
+    use crate::virtio::block::ImageType;
 
     const MIB: u64 = 1 << 20;
 
     fn backend(image: &Image, readonly: bool) -> Backend {
         Backend {
-            disk: Arc::new(DiskImage::open(&image.path, readonly, None).unwrap()),
+            disk: Arc::new(open_image(&image.path, readonly, None)),
             id: *b"test-serial-0123456\0",
             counters: Arc::new(BlockCounters::default()),
         }
@@ -832,5 +833,118 @@ mod tests {
             (MAX_DESCRIPTORS as u32 - 2) * 512 + 1
         );
         assert_eq!(byte_at(&mem, STATUS), OK);
+    }
+
+    /// First sectors that would be detected as another format.
+    fn foreign_sector0s() -> Vec<Vec<u8>> {
+        let mut vdi = vec![0u8; 512];
+        vdi[0x40..0x44].copy_from_slice(&0xbeda_107fu32.to_le_bytes());
+        [
+            &b"QFI\xfb\0\0\0\x03"[..],
+            b"QFI\xfb\0\0\0\x01",
+            b"KDMV",
+            b"# Disk DescriptorFile",
+            b"vhdxfile",
+            b"conectix",
+            b"QED\0",
+            &vdi,
+        ]
+        .iter()
+        .map(|magic| {
+            let mut sector = vec![0u8; 512];
+            sector[..magic.len()].copy_from_slice(magic);
+            sector
+        })
+        .collect()
+    }
+
+    #[test]
+    fn sector0_writes_that_would_change_the_format_are_refused() {
+        let image = Image::new(MIB);
+        let (mem, b) = (memory(), backend(&image, false));
+        assert!(b.disk.guards_sector0());
+        let foreign = foreign_sector0s();
+        for sector in &foreign {
+            assert_eq!(write_sectors(&mem, &b, 0, sector), (1, IOERR));
+            // Followed by more data in the same request: refused too.
+            let long = [sector.clone(), pattern(1, 4096)].concat();
+            assert_eq!(write_sectors(&mem, &b, 0, &long), (1, IOERR));
+        }
+        assert_eq!(image.contents(), vec![0; MIB as usize]);
+        assert_eq!(
+            counter(&b, "sector0_writes_refused"),
+            2 * foreign.len() as u64
+        );
+        assert_eq!(counter(&b, "write_requests"), 0);
+        // The same bytes elsewhere, and ordinary sector-0 writes, go through.
+        assert_eq!(write_sectors(&mem, &b, 1, &foreign[0]), (1, OK));
+        let boot = pattern(2, 2048);
+        assert_eq!(write_sectors(&mem, &b, 0, &boot), (1, OK));
+        assert_eq!(&image.contents()[..2048], &boot[..]);
+        // Zeroing sector 0 is harmless.
+        header(&mem, HEADER, VIRTIO_BLK_T_WRITE_ZEROES, 0);
+        segment(&mem, HEADER + 16, 0, 1, 0);
+        assert_eq!(run(&mem, &b, &[r(HEADER, 32), w(STATUS, 1)]), (1, OK));
+        let info = crate::virtio::block::format::detect(&image.path).unwrap();
+        assert_eq!(info.format, crate::virtio::block::ImageFormat::Raw);
+    }
+
+    #[test]
+    fn a_checked_sector0_is_written_from_the_checked_copy() {
+        let image = Image::new(MIB);
+        let (mem, b) = (memory(), backend(&image, false));
+        // Sector 0 split over three descriptors, then two more sectors.
+        let data = pattern(4, 1536);
+        header(&mem, HEADER, VIRTIO_BLK_T_OUT, 0);
+        mem.write_slice(&data[..100], GuestAddress(DATA)).unwrap();
+        mem.write_slice(&data[100..512], GuestAddress(DATA + 0x1000))
+            .unwrap();
+        mem.write_slice(&data[512..], GuestAddress(DATA + 0x2000))
+            .unwrap();
+        let descs = [
+            r(HEADER, 16),
+            r(DATA, 100),
+            r(DATA + 0x1000, 412),
+            r(DATA + 0x2000, 1024),
+            w(STATUS, 1),
+        ];
+        assert_eq!(run(&mem, &b, &descs), (1, OK));
+        assert_eq!(&image.contents()[..1536], &data[..]);
+        // A qcow2 magic split across descriptors is still seen.
+        mem.write_slice(b"QF", GuestAddress(DATA)).unwrap();
+        mem.write_slice(b"I\xfb\0\0\0\x03", GuestAddress(DATA + 2))
+            .unwrap();
+        let split = [r(HEADER, 16), r(DATA, 2), r(DATA + 2, 510), w(STATUS, 1)];
+        assert_eq!(run(&mem, &b, &split), (1, IOERR));
+        assert_eq!(&image.contents()[..1536], &data[..]);
+    }
+
+    #[test]
+    fn a_raw_type_given_or_a_qcow2_image_has_no_sector0_guard() {
+        let image = Image::new(MIB);
+        let forced = Backend {
+            disk: Arc::new(open_image(&image.path, false, Some(ImageType::Raw))),
+            id: [0; ID_BYTES],
+            counters: Arc::new(BlockCounters::default()),
+        };
+        let mem = memory();
+        let qcow2 = foreign_sector0s().remove(0);
+        assert_eq!(write_sectors(&mem, &forced, 0, &qcow2), (1, OK));
+        assert_eq!(counter(&forced, "sector0_writes_refused"), 0);
+        drop(forced);
+        // The write landed: the file now reads as (a broken) qcow2.
+        let info = crate::virtio::block::format::detect(&image.path).unwrap();
+        assert_eq!(info.format, crate::virtio::block::ImageFormat::Qcow2);
+        // A qcow2 guest's sector 0 is data inside the image, never a header.
+        let dir = image.path.parent().unwrap();
+        let path = dir.join("q.qcow2");
+        qemu_img(&["create", "-q", "-f", "qcow2", path.to_str().unwrap(), "1M"]);
+        let q = Backend {
+            disk: Arc::new(open_image(&path, false, None)),
+            id: [0; ID_BYTES],
+            counters: Arc::new(BlockCounters::default()),
+        };
+        assert_eq!(write_sectors(&mem, &q, 0, &qcow2), (1, OK));
+        assert_eq!(read_sectors(&mem, &q, 0, 512), (513, OK, qcow2));
     }
 }
