@@ -6,6 +6,8 @@
 //!
 //! Command line (sectors are 512 bytes, numbers decimal):
 //! - `probe.blk.write=SECTOR:COUNT` writes [`pattern_byte`] and reads it back
+//! - `probe.blk.put=SECTOR:HEX` writes one sector starting with the bytes
+//!   HEX (two digits each; the rest zero) and reads it back
 //! - `probe.blk.discard=SECTOR:COUNT` discards the range
 //! - `probe.blk.zero=SECTOR:COUNT` WRITE_ZEROES with the unmap flag
 //! - `probe.blk.bench=MIB` sequential read/write of MIB MiB, random reads
@@ -97,10 +99,22 @@ struct Range {
     count: u64,
 }
 
+/// Most bytes `probe.blk.put` takes.
+const PUT_MAX: usize = 64;
+
+/// One sector's leading bytes to write (`probe.blk.put`).
+#[derive(Clone, Copy)]
+struct Put {
+    sector: u64,
+    bytes: [u8; PUT_MAX],
+    len: usize,
+}
+
 /// What the command line asks of the block devices.
 #[derive(Clone, Copy, Default)]
 struct Options {
     write: Option<Range>,
+    put: Option<Put>,
     discard: Option<Range>,
     zero: Option<Range>,
     bench_mib: Option<u64>,
@@ -115,6 +129,8 @@ impl Options {
             };
             if let Some(v) = rest.strip_prefix(b"write=") {
                 options.write = parse_range(v);
+            } else if let Some(v) = rest.strip_prefix(b"put=") {
+                options.put = parse_put(v);
             } else if let Some(v) = rest.strip_prefix(b"discard=") {
                 options.discard = parse_range(v);
             } else if let Some(v) = rest.strip_prefix(b"zero=") {
@@ -141,6 +157,38 @@ fn parse_range(text: &[u8]) -> Option<Range> {
         report!("blk option bad_range={}", Quoted(text));
     }
     range
+}
+
+/// `SECTOR:HEX` (at most [`PUT_MAX`] bytes of hex).
+fn parse_put(text: &[u8]) -> Option<Put> {
+    let put = text.iter().position(|&b| b == b':').and_then(|at| {
+        let hex = &text[at + 1..];
+        if hex.is_empty() || hex.len() % 2 != 0 || hex.len() / 2 > PUT_MAX {
+            return None;
+        }
+        let mut put = Put {
+            sector: parse_u64(&text[..at])?,
+            bytes: [0; PUT_MAX],
+            len: hex.len() / 2,
+        };
+        for (byte, pair) in put.bytes.iter_mut().zip(hex.chunks(2)) {
+            *byte = (hex_digit(pair[0])? << 4) | hex_digit(pair[1])?;
+        }
+        Some(put)
+    });
+    if put.is_none() {
+        report!("blk option bad_put={}", Quoted(text));
+    }
+    put
+}
+
+fn hex_digit(d: u8) -> Option<u8> {
+    match d {
+        b'0'..=b'9' => Some(d - b'0'),
+        b'a'..=b'f' => Some(d - b'a' + 10),
+        b'A'..=b'F' => Some(d - b'A' + 10),
+        _ => None,
+    }
 }
 
 fn parse_u64(digits: &[u8]) -> Option<u64> {
@@ -317,6 +365,9 @@ impl Disk {
         if let Some(range) = options.write {
             self.write_pattern(range);
         }
+        if let Some(put) = options.put {
+            self.put_sector(&put);
+        }
         if let Some(range) = options.discard {
             self.discard_or_zero(T_DISCARD, range);
         }
@@ -392,6 +443,29 @@ impl Disk {
             "bad"
         };
         report!("{head} len={len} ro={ro} status=ok fnv1a64={hash:#018x} readback={readback}");
+    }
+
+    /// Writes one sector starting with `put.bytes` (then zeroes) and reads
+    /// it back.
+    fn put_sector(&mut self, put: &Put) {
+        let len = SECTOR as usize;
+        with_data_mut(0, len, |data| {
+            data.fill(0);
+            data[..put.len].copy_from_slice(&put.bytes[..put.len]);
+        });
+        let (slot, sector, bytes) = (self.slot, put.sector, put.len);
+        let status = self.single(T_OUT, sector, len);
+        if status != OK {
+            report!("blk slot={slot} put sector={sector} bytes={bytes} status={status}");
+            return;
+        }
+        let back = self.single(T_IN, sector, len);
+        let same = back == OK
+            && with_data(0, len, |data| {
+                data[..bytes] == put.bytes[..bytes] && data[bytes..].iter().all(|&b| b == 0)
+            });
+        let readback = if same { "ok" } else { "bad" };
+        report!("blk slot={slot} put sector={sector} bytes={bytes} status=ok readback={readback}");
     }
 
     /// Reads `range` back and checks it holds the pattern.
