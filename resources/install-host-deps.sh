@@ -2,7 +2,8 @@
 # Installs what building and testing zvmm needs on a Debian/Ubuntu host:
 # the Rust target for the probe guest, QEMU (the reference peer),
 # qemu-img (disk image tests), ACPICA (iasl validates our ACPI tables),
-# cpio (initramfs), lzop (LZO extraction tests), ping and ip (network tests), and virtiofsd (the
+# cpio (initramfs), lzop (LZO extraction tests), mtools (reads back the
+# cloud-init seeds zvmm builds), ping and ip (network tests), and virtiofsd (the
 # virtio-fs backend zvmm starts for --fs; built from crates.io at a pinned
 # version, with its Debian build dependencies). Idempotent.
 set -euo pipefail
@@ -12,6 +13,7 @@ command -v qemu-img >/dev/null || missing+=(qemu-utils)
 command -v iasl >/dev/null || missing+=(acpica-tools)
 command -v cpio >/dev/null || missing+=(cpio)
 command -v lzop >/dev/null || missing+=(lzop)
+command -v mtype >/dev/null || missing+=(mtools)
 { command -v ping && command -v ip; } >/dev/null || missing+=(iputils-ping iproute2)
 VIRTIOFSD_VERSION=1.14.0
 virtiofsd_bin="${CARGO_HOME:-$HOME/.cargo}/bin/virtiofsd"

@@ -214,6 +214,10 @@ pub struct VmConfig {
     /// The virtiofsd binary for `path` shares (default: from PATH).
     #[serde(default)]
     pub virtiofsd: Option<PathBuf>,
+    /// A cloud-init NoCloud seed zvmm builds and attaches as the last,
+    /// read-only disk.
+    #[serde(default)]
+    pub cloud_init: Option<crate::cloud_init::CloudInitConfig>,
 }
 
 /// One virtio-blk disk (cloud-hypervisor's `DiskConfig` subset).
@@ -294,6 +298,7 @@ impl Default for VmConfig {
             net: Vec::new(),
             fs: Vec::new(),
             virtiofsd: None,
+            cloud_init: None,
         }
     }
 }
@@ -352,6 +357,9 @@ impl VmConfig {
         self.validate_disks()?;
         net::validate_nets(&self.net)?;
         fs::validate_fs(&self.fs)?;
+        if let Some(cloud_init) = &self.cloud_init {
+            cloud_init.validate()?;
+        }
         if self.console.mode != ConsoleMode::Off {
             return Err(invalid(
                 "--console: zvmm has no virtio-console; use --console off and --serial".into(),

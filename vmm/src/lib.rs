@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod bus;
+pub mod cloud_init;
 pub mod config;
 pub mod console;
 pub mod control;

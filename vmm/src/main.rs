@@ -38,7 +38,9 @@ Examples:
   zvmm --kernel vmlinux --cpus boot=2 --memory size=1G,shared=on --serial pty --console off
   zvmm --kernel vmlinux --timeout 60 --expect 'Run /init' --fail-on 'Kernel panic' --boot-timer
   zvmm kernel inspect bzImage
-  zvmm kernel extract bzImage -o vmlinux";
+  zvmm kernel extract bzImage -o vmlinux
+  zvmm --kernel vmlinux --disk path=root.raw --cloud-init user-data=user.yaml --memory 1G
+  zvmm cloud-init build user-data=user.yaml meta-data=meta.yaml -o seed.img";
 
 /// zvmm: a minimal KVM microVM monitor.
 #[derive(Parser, Debug)]
@@ -126,6 +128,13 @@ struct VmArgs {
     /// from PATH or ~/.cargo/bin].
     #[arg(long, value_name = "BIN")]
     virtiofsd: Option<PathBuf>,
+    /// cloud-init NoCloud seed: `user-data=FILE[,meta-data=FILE]
+    /// [,network-config=FILE][,vendor-data=FILE]` or `dir=DIR` (holding
+    /// files of those names). zvmm builds a FAT image labelled CIDATA
+    /// (meta-data generated when absent) and attaches it as the last,
+    /// read-only disk.
+    #[arg(long, value_name = "user-data=FILE|dir=DIR")]
+    cloud_init: Option<String>,
     /// Create KVM's in-kernel i8254 PIT (ports 0x40-0x43), for guests or
     /// firmware that program it. Off by default: zvmm's ACPI is
     /// hardware-reduced and Linux does not use a PIT there.
@@ -142,6 +151,33 @@ enum Command {
     /// Tools for kernel images.
     #[command(subcommand)]
     Kernel(KernelCommand),
+    /// cloud-init NoCloud seeds.
+    #[command(subcommand)]
+    CloudInit(CloudInitCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum CloudInitCommand {
+    /// Write a NoCloud seed image (FAT labelled CIDATA), as --cloud-init
+    /// attaches it.
+    #[command(after_help = "\
+FILES are user-data=FILE [meta-data=FILE] [network-config=FILE]
+[vendor-data=FILE] (separate or joined with commas), or dir=DIR. meta-data
+is generated (instance-id, local-hostname) when absent. The image is 2 MiB
+unless the files need more (at most 64 MiB of files); the same files give
+the same image. It is written with mode 0600 to a temp file renamed at the
+end.")]
+    Build {
+        /// The seed's files.
+        #[arg(required = true, value_name = "FILES")]
+        files: Vec<String>,
+        /// Where to write the image.
+        #[arg(short, long, value_name = "PATH")]
+        output: PathBuf,
+        /// Replace OUTPUT if it exists.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -226,6 +262,11 @@ impl VmArgs {
                 .collect::<Result<_, _>>()?,
             fs,
             virtiofsd: self.virtiofsd,
+            cloud_init: self
+                .cloud_init
+                .as_deref()
+                .map(vmm::cloud_init::parse_cloud_init)
+                .transpose()?,
         };
         config.validate()?;
         Ok(config)
@@ -251,6 +292,7 @@ fn main() -> ExitCode {
     };
     let status = match cli.command {
         Some(Command::Kernel(command)) => report(run_kernel_command(command)),
+        Some(Command::CloudInit(command)) => run_cloud_init_command(command),
         None if cli.vm.api_socket.is_some() => api(cli.vm),
         None => match cli.vm.into_config() {
             Ok(config) => report(boot(config)),
@@ -382,6 +424,30 @@ fn describe_stop(reason: &StopReason) {
         StopReason::Requested => {}
         StopReason::BackendLost { detail } => eprintln!("zvmm: VM stopped: {detail}"),
     }
+}
+
+/// `zvmm cloud-init build`: 2 for bad FILES syntax, 1 for unusable files.
+fn run_cloud_init_command(command: CloudInitCommand) -> i32 {
+    let CloudInitCommand::Build {
+        files,
+        output,
+        force,
+    } = command;
+    let config = match vmm::cloud_init::parse_cloud_init(&files.join(",")) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("zvmm: {e}");
+            return EXIT_USAGE;
+        }
+    };
+    report(
+        vmm::cloud_init::write_seed_file(&config, &output, force)
+            .map(|image| {
+                eprintln!("zvmm: wrote {} ({})", output.display(), image.summary());
+                0
+            })
+            .map_err(Into::into),
+    )
 }
 
 fn run_kernel_command(command: KernelCommand) -> anyhow::Result<i32> {

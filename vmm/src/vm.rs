@@ -24,6 +24,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::timerfd::TimerFd;
 
 use crate::bus::Bus;
+use crate::cloud_init::{attach_seed, SeedDisk};
 use crate::config::{ConsoleMode, OnReset, VmConfig};
 use crate::console::{announce_pty, open_console, InputForwarder, RawTerminal};
 use crate::control::{
@@ -65,6 +66,9 @@ pub enum VmError {
     /// Shared directories (virtiofsd, virtio-fs).
     #[error(transparent)]
     Fs(#[from] crate::fs::FsSetupError),
+    /// The cloud-init seed.
+    #[error(transparent)]
+    CloudInit(#[from] crate::cloud_init::CloudInitError),
     /// /dev/kvm could not be opened.
     #[error("cannot open /dev/kvm (is KVM enabled, and may this user open it?)")]
     OpenKvm(#[source] kvm_ioctls::Error),
@@ -138,6 +142,8 @@ pub struct Vmm {
     deadline: Option<Instant>,
     watcher: Arc<Mutex<ConsoleWatcher>>,
     nets: NetBackends,
+    /// Keeps the cloud-init seed disk (in `config.disks`) open.
+    _seed: Option<SeedDisk>,
     _raw_terminal: Option<RawTerminal>,
 }
 
@@ -161,6 +167,8 @@ impl Vmm {
         }
         // Before anything else opens fds: inherited tap fds are adopted here.
         let nets = NetBackends::open(&mut config.net)?;
+        // After the taps, so no seed fd can take an inherited fd's number.
+        let seed = attach_seed(&mut config)?;
         let start = process_start();
         let watcher = ConsoleWatcher::new(
             start,
@@ -198,6 +206,7 @@ impl Vmm {
             deadline,
             watcher: Arc::new(Mutex::new(watcher)),
             nets,
+            _seed: seed,
             _raw_terminal: raw_terminal,
         })
     }
