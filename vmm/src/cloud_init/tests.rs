@@ -440,3 +440,21 @@ fn no_replace_rename_refuses_an_existing_target() {
     rename(&from, &to, true).unwrap();
     assert_eq!(std::fs::read(&to).unwrap(), b"new");
 }
+
+#[test]
+fn the_api_spells_it_as_a_cloud_init_object() {
+    let json =
+        r#"{"payload":{"kernel":"/k"},"cloud_init":{"user_data":"/u","network_config":"/n"}}"#;
+    let config: VmConfig = serde_json::from_str(json).unwrap();
+    let cloud_init = config.cloud_init.clone().unwrap();
+    assert_eq!(cloud_init.user_data, Some(PathBuf::from("/u")));
+    assert_eq!(cloud_init.network_config, Some(PathBuf::from("/n")));
+    assert_eq!(config.validate(), Ok(()));
+    let mixed = r#"{"payload":{"kernel":"/k"},"cloud_init":{"dir":"/d","meta_data":"/m"}}"#;
+    let config: VmConfig = serde_json::from_str(mixed).unwrap();
+    assert!(config
+        .validate()
+        .unwrap_err()
+        .to_string()
+        .contains("not both"));
+}
