@@ -18,7 +18,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use zvmm_tests::fs::{plan, processes_naming, socket_listening, virtiofsd_bin, Share, Virtiofsd};
+use zvmm_tests::fs::{
+    check_session_end, listing, plan, processes_naming, socket_listening, virtiofsd_bin, Share,
+    Virtiofsd,
+};
 use zvmm_tests::probe::{probe_elf, Flavour, ProbeReport};
 use zvmm_tests::zvmm::{scratch_dir, zvmm_bin, Finished, Running};
 
@@ -49,6 +52,11 @@ impl Scratch {
 
     /// zvmm with the probe, the share's command line and `fs`.
     fn zvmm(&self, fs: &str) -> Command {
+        self.zvmm_with(fs, &self.share.cmdline())
+    }
+
+    /// zvmm with the probe, `cmdline` and `fs`.
+    fn zvmm_with(&self, fs: &str, cmdline: &str) -> Command {
         let kernel = probe_elf(Flavour::Pvh);
         let virtiofsd = virtiofsd_bin().unwrap_or_else(|e| panic!("{e}"));
         let mut command = Command::new(zvmm_bin());
@@ -60,7 +68,7 @@ impl Scratch {
             .args(["--fs", fs])
             .arg("--virtiofsd")
             .arg(virtiofsd)
-            .args(["--cmdline", &self.share.cmdline()]);
+            .args(["--cmdline", cmdline]);
         command
     }
 
@@ -139,4 +147,28 @@ fn virtio_fs_with_a_running_virtiofsd() {
     scratch.share.check(&report, &context);
     assert!(status.is_some(), "virtiofsd kept running: {context}");
     scratch.assert_nothing_left(pid, Some(&socket), &context);
+}
+
+/// `--fs DIR`: the root share, tag `vroot`; the probe lists it (a session
+/// without checks) and zvmm's virtiofsd is gone afterwards.
+#[test]
+fn virtio_fs_root_share_is_vroot() {
+    let scratch = Scratch::new("zvmm-fs-root");
+    let dir = scratch.share.dir().display().to_string();
+    let (pid, run, report) = run(scratch.zvmm_with(&dir, "console=ttyS0"));
+    let context = format!("zvmm --fs {dir}: {run:#?}");
+    assert_probe_done(&run, &report, &context);
+    let device = report.value("fs slot=").unwrap_or_default();
+    assert!(device.contains(" tag=\"vroot\" "), "{context}");
+    let names: Vec<String> = listing(&report, "", "before").into_keys().collect();
+    let mut expected = [
+        plan::DOOMED_FILE,
+        plan::EMPTY_DIR,
+        plan::READ_FILE,
+        plan::MOVE_FILE,
+    ];
+    expected.sort();
+    assert_eq!(names, expected, "{context}");
+    check_session_end(&report, 1, &context);
+    scratch.assert_nothing_left(pid, None, &context);
 }
