@@ -21,7 +21,16 @@
 //!   0xfee0_0000  local APICs
 //!   0xfffb_d000  KVM TSS (3 pages)
 //! 0x1_0000_0000 RAM above 4 GiB (whatever did not fit below the hole)
+//! then         the memory-hotplug range (`memory.hotplug_size`), from the
+//!              end of RAM (at least 4 GiB) rounded up to 128 MiB
+//! then         the PCI 64-bit window, 256 GiB aligned
 //! ```
+//!
+//! The hotplug range is reserved by the layout only: it is not in the e820
+//! or PVH memory map (RAM plugged there later becomes RAM, which an e820
+//! "reserved" entry would forbid) and nothing is placed in it; the PCI
+//! 64-bit window, the only thing above RAM, starts past it, so the guest
+//! never assigns BARs there.
 
 /// Size of a guest page.
 pub const PAGE_SIZE: u64 = 0x1000;
@@ -82,6 +91,11 @@ pub const FOUR_GIB: u64 = 0x1_0000_0000;
 pub const PCI_MMIO64_ALIGN: u64 = 0x40_0000_0000;
 /// Size of the 64-bit PCI memory window.
 pub const PCI_MMIO64_SIZE: u64 = 0x40_0000_0000;
+/// Alignment of the memory-hotplug range and granule of its size: Linux's
+/// memory block on x86_64.
+pub const HOTPLUG_ALIGN: u64 = 128 << 20;
+/// Largest memory-hotplug range.
+pub const MAX_HOTPLUG_SIZE: u64 = 64 << 40;
 
 // The fixed areas must not overlap; checked when the crate compiles.
 const _: () = {
@@ -181,9 +195,27 @@ pub fn ram_end(ram_size: u64) -> u64 {
 
 /// Start of the 64-bit PCI MMIO window: the first aligned address above RAM.
 pub fn pci_mmio64_start(ram_size: u64) -> u64 {
-    ram_end(ram_size)
+    pci_mmio64_start_above(ram_size, 0)
+}
+
+/// The memory-hotplug range `(start, size)` kept free for `hotplug_size`
+/// bytes: from the end of RAM, or 4 GiB when RAM ends below the hole,
+/// aligned to [`HOTPLUG_ALIGN`]. `None` without hotplug.
+pub fn hotplug_range(ram_size: u64, hotplug_size: u64) -> Option<(u64, u64)> {
+    let start = ram_end(ram_size)
         .max(FOUR_GIB)
-        .next_multiple_of(PCI_MMIO64_ALIGN)
+        .next_multiple_of(HOTPLUG_ALIGN);
+    (hotplug_size > 0).then_some((start, hotplug_size))
+}
+
+/// Start of the 64-bit PCI MMIO window: the first aligned address above
+/// RAM and the memory-hotplug range.
+pub fn pci_mmio64_start_above(ram_size: u64, hotplug_size: u64) -> u64 {
+    let end = match hotplug_range(ram_size, hotplug_size) {
+        Some((start, size)) => start + size,
+        None => ram_end(ram_size).max(FOUR_GIB),
+    };
+    end.next_multiple_of(PCI_MMIO64_ALIGN)
 }
 
 /// The memory map the guest is told about (e820 on the Linux boot protocol,
@@ -281,6 +313,35 @@ mod tests {
                 .map(|r| r.size)
                 .sum();
             assert_eq!(ram, size - (HIGH_RAM_START - EBDA_START));
+        }
+    }
+
+    #[test]
+    fn hotplug_range_starts_above_ram_and_the_hole() {
+        assert_eq!(hotplug_range(1 << 30, 0), None);
+        assert_eq!(hotplug_range(1 << 30, 2 << 30), Some((FOUR_GIB, 2 << 30)));
+        let (start, size) = hotplug_range((3 << 30) + (1 << 20), 1 << 30).unwrap();
+        assert_eq!(
+            start,
+            FOUR_GIB + (128 << 20),
+            "rounded up from 4 GiB + 1 MiB"
+        );
+        assert_eq!(size, 1 << 30);
+        assert!(start >= ram_end((3 << 30) + (1 << 20)));
+        for ram in [64u64 << 20, 3 << 30, 8 << 30] {
+            for hotplug in [128u64 << 20, 16 << 30, 300 << 30] {
+                let (start, size) = hotplug_range(ram, hotplug).unwrap();
+                let window = pci_mmio64_start_above(ram, hotplug);
+                assert!(window >= start + size, "{ram} {hotplug}");
+                assert_eq!(window % PCI_MMIO64_ALIGN, 0);
+                for range in memory_map(ram) {
+                    assert!(
+                        range.start + range.size <= start,
+                        "{range:?} in the hotplug range"
+                    );
+                }
+            }
+            assert_eq!(pci_mmio64_start_above(ram, 0), pci_mmio64_start(ram));
         }
     }
 

@@ -62,9 +62,15 @@ pub enum ConfigError {
 pub struct CpusConfig {
     /// vCPUs started at boot.
     pub boot_vcpus: u8,
-    /// Highest vCPU count (no hotplug: equals `boot_vcpus`).
+    /// Highest vCPU count (0: `boot_vcpus`). The ones above `boot_vcpus`
+    /// are in the MADT as present but not enabled (online-capable), for
+    /// hotplug later.
     #[serde(default)]
     pub max_vcpus: u8,
+    /// How the `max_vcpus` are arranged; zvmm presents one package of
+    /// single-threaded cores, so only that shape is accepted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topology: Option<CpuTopology>,
 }
 
 impl Default for CpusConfig {
@@ -72,7 +78,81 @@ impl Default for CpusConfig {
         Self {
             boot_vcpus: 1,
             max_vcpus: 1,
+            topology: None,
         }
+    }
+}
+
+impl CpusConfig {
+    /// The vCPU count the platform is described with (`max_vcpus`, or
+    /// `boot_vcpus` when that is 0 or smaller).
+    pub fn max(&self) -> u8 {
+        self.max_vcpus.max(self.boot_vcpus)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.boot_vcpus == 0 || self.boot_vcpus > MAX_VCPUS {
+            return Err(invalid(format!(
+                "--cpus: {} vCPUs requested; zvmm supports 1 to {MAX_VCPUS}",
+                self.boot_vcpus
+            )));
+        }
+        if self.max_vcpus != 0 && self.max_vcpus < self.boot_vcpus {
+            return Err(invalid(format!(
+                "--cpus: max={} is below boot={}",
+                self.max_vcpus, self.boot_vcpus
+            )));
+        }
+        if self.max_vcpus > MAX_VCPUS {
+            return Err(invalid(format!(
+                "--cpus: max={} vCPUs; zvmm supports up to {MAX_VCPUS}",
+                self.max_vcpus
+            )));
+        }
+        match &self.topology {
+            Some(topology) => topology.validate(self.max()),
+            None => Ok(()),
+        }
+    }
+}
+
+/// cloud-hypervisor's `cpus.topology`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CpuTopology {
+    /// Threads per core.
+    pub threads_per_core: u8,
+    /// Cores per die.
+    pub cores_per_die: u8,
+    /// Dies per package.
+    pub dies_per_package: u8,
+    /// Packages (sockets).
+    pub packages: u8,
+}
+
+impl CpuTopology {
+    fn validate(&self, max_vcpus: u8) -> Result<(), ConfigError> {
+        let count = [
+            self.threads_per_core,
+            self.cores_per_die,
+            self.dies_per_package,
+            self.packages,
+        ]
+        .iter()
+        .map(|&n| u32::from(n))
+        .product::<u32>();
+        if count != u32::from(max_vcpus) {
+            return Err(invalid(format!(
+                "--cpus: topology {}:{}:{}:{} describes {count} vCPUs, not max={max_vcpus}",
+                self.threads_per_core, self.cores_per_die, self.dies_per_package, self.packages
+            )));
+        }
+        if (self.threads_per_core, self.dies_per_package, self.packages) != (1, 1, 1) {
+            return Err(invalid(format!(
+                "--cpus: topology {}:{}:{}:{}: zvmm presents one package of single-threaded cores; give threads_per_core=1, dies_per_package=1, packages=1",
+                self.threads_per_core, self.cores_per_die, self.dies_per_package, self.packages
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -84,6 +164,10 @@ pub struct MemoryConfig {
     /// Back RAM with a memfd that other processes (vhost-user) can map.
     #[serde(default)]
     pub shared: bool,
+    /// Bytes of address space kept free above RAM for memory hotplug
+    /// (`loader::layout::hotplug_range`); none is plugged at boot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hotplug_size: Option<u64>,
 }
 
 impl Default for MemoryConfig {
@@ -91,7 +175,76 @@ impl Default for MemoryConfig {
         Self {
             size: 512 << 20,
             shared: false,
+            hotplug_size: None,
         }
+    }
+}
+
+impl MemoryConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.size < MIN_MEMORY {
+            return Err(invalid(format!(
+                "--memory: {} bytes is too small; give at least {} MiB",
+                self.size,
+                MIN_MEMORY >> 20
+            )));
+        }
+        if !self.size.is_multiple_of(loader::layout::PAGE_SIZE) {
+            return Err(invalid(format!(
+                "--memory: {} bytes is not a multiple of 4 KiB",
+                self.size
+            )));
+        }
+        let hotplug = self.hotplug_size.unwrap_or(0);
+        if !hotplug.is_multiple_of(loader::layout::HOTPLUG_ALIGN) {
+            return Err(invalid(format!(
+                "--memory: hotplug_size={hotplug} is not a multiple of {} MiB",
+                loader::layout::HOTPLUG_ALIGN >> 20
+            )));
+        }
+        if hotplug > loader::layout::MAX_HOTPLUG_SIZE {
+            return Err(invalid(format!(
+                "--memory: hotplug_size={hotplug} is above zvmm's {} TiB",
+                loader::layout::MAX_HOTPLUG_SIZE >> 40
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Platform-wide settings (cloud-hypervisor's `platform`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlatformConfig {
+    /// PCI segments the agent asks for; every device sits on segment 0
+    /// (a device on another segment is refused).
+    #[serde(default = "one_segment")]
+    pub num_pci_segments: u16,
+}
+
+fn one_segment() -> u16 {
+    1
+}
+
+/// Most PCI segments cloud-hypervisor accepts.
+pub const MAX_PCI_SEGMENTS: u16 = 16;
+
+impl Default for PlatformConfig {
+    fn default() -> Self {
+        Self {
+            num_pci_segments: 1,
+        }
+    }
+}
+
+impl PlatformConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.num_pci_segments == 0 || self.num_pci_segments > MAX_PCI_SEGMENTS {
+            return Err(invalid(format!(
+                "platform: num_pci_segments={}; give 1 to {MAX_PCI_SEGMENTS}",
+                self.num_pci_segments
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -218,6 +371,9 @@ pub struct VmConfig {
     /// read-only disk.
     #[serde(default)]
     pub cloud_init: Option<crate::cloud_init::CloudInitConfig>,
+    /// Platform-wide settings (PCI segments).
+    #[serde(default)]
+    pub platform: PlatformConfig,
 }
 
 /// One virtio-blk disk (cloud-hypervisor's `DiskConfig` subset).
@@ -299,6 +455,7 @@ impl Default for VmConfig {
             fs: Vec::new(),
             virtiofsd: None,
             cloud_init: None,
+            platform: PlatformConfig::default(),
         }
     }
 }
@@ -306,31 +463,9 @@ impl Default for VmConfig {
 impl VmConfig {
     /// Checks the configuration as a whole; on success it can be booted.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let cpus = &self.cpus;
-        if cpus.boot_vcpus == 0 || cpus.boot_vcpus > MAX_VCPUS {
-            return Err(invalid(format!(
-                "--cpus: {} vCPUs requested; zvmm supports 1 to {MAX_VCPUS}",
-                cpus.boot_vcpus
-            )));
-        }
-        if cpus.max_vcpus != 0 && cpus.max_vcpus != cpus.boot_vcpus {
-            return Err(invalid(
-                "--cpus: max must equal boot (zvmm has no CPU hotplug)".into(),
-            ));
-        }
-        if self.memory.size < MIN_MEMORY {
-            return Err(invalid(format!(
-                "--memory: {} bytes is too small; give at least {} MiB",
-                self.memory.size,
-                MIN_MEMORY >> 20
-            )));
-        }
-        if !self.memory.size.is_multiple_of(loader::layout::PAGE_SIZE) {
-            return Err(invalid(format!(
-                "--memory: {} bytes is not a multiple of 4 KiB",
-                self.memory.size
-            )));
-        }
+        self.cpus.validate()?;
+        self.memory.validate()?;
+        self.platform.validate()?;
         if self.payload.kernel.is_none() {
             return Err(invalid(
                 "no kernel given: pass --kernel PATH (an ELF vmlinux or a bzImage)".into(),
@@ -542,30 +677,64 @@ fn parse_toggle(text: &str) -> Option<bool> {
     }
 }
 
-/// Parses `--cpus N` or `--cpus boot=N[,max=N]`.
+/// Parses `--cpus N` or `--cpus boot=N[,max=N][,topology=T:C:D:P]`.
 pub fn parse_cpus(input: &str) -> Result<CpusConfig, ConfigError> {
-    let options = OptionParser::parse("cpus", &["boot", "max"], input)?;
+    let options = OptionParser::parse("cpus", &["boot", "max", "topology"], input)?;
     let boot_vcpus = options.number::<u8>("boot")?.unwrap_or(1);
     let max_vcpus = options.number::<u8>("max")?.unwrap_or(boot_vcpus);
+    let topology = match options.get("topology") {
+        Some(value) => Some(parse_topology(value).ok_or_else(|| {
+            options.bad_value(
+                "topology",
+                value,
+                "expected threads_per_core:cores_per_die:dies_per_package:packages",
+            )
+        })?),
+        None => None,
+    };
     Ok(CpusConfig {
         boot_vcpus,
         max_vcpus,
+        topology,
     })
 }
 
-/// Parses `--memory 512M` or `--memory size=512M[,shared=on]`.
+/// `1:4:1:1` as threads per core, cores per die, dies per package,
+/// packages.
+fn parse_topology(value: &str) -> Option<CpuTopology> {
+    let numbers: Vec<u8> = value
+        .split(':')
+        .map(|n| n.trim().parse().ok())
+        .collect::<Option<_>>()?;
+    match numbers[..] {
+        [threads_per_core, cores_per_die, dies_per_package, packages] => Some(CpuTopology {
+            threads_per_core,
+            cores_per_die,
+            dies_per_package,
+            packages,
+        }),
+        _ => None,
+    }
+}
+
+/// The keys `--memory` takes.
+const MEMORY_KEYS: [&str; 3] = ["size", "shared", "hotplug_size"];
+
+/// Parses `--memory 512M` or `--memory size=512M[,shared=on]
+/// [,hotplug_size=SIZE]`.
 pub fn parse_memory(input: &str) -> Result<MemoryConfig, ConfigError> {
-    let options = OptionParser::parse("memory", &["size", "shared"], input)?;
+    let options = OptionParser::parse("memory", &MEMORY_KEYS, input)?;
     let defaults = MemoryConfig::default();
     Ok(MemoryConfig {
         size: options.size("size")?.unwrap_or(defaults.size),
         shared: options.toggle("shared")?.unwrap_or(false),
+        hotplug_size: options.size("hotplug_size")?,
     })
 }
 
 /// The `shared=` value of a `--memory` string when given explicitly.
 pub fn shared_memory_given(input: &str) -> Result<Option<bool>, ConfigError> {
-    OptionParser::parse("memory", &["size", "shared"], input)?.toggle("shared")
+    OptionParser::parse("memory", &MEMORY_KEYS, input)?.toggle("shared")
 }
 
 /// Parses one `--disk path=P[,readonly=on][,image_type=raw|qcow2]
@@ -668,6 +837,55 @@ mod tests {
             parse_cpus("boot=2,boot=3"),
             Err(ConfigError::DuplicateKey { .. })
         ));
+    }
+
+    #[test]
+    fn max_vcpus_above_boot_with_a_one_package_topology_is_accepted() {
+        let mut config = bootable();
+        config.cpus = parse_cpus("boot=1,max=4,topology=1:4:1:1").unwrap();
+        assert_eq!(config.validate(), Ok(()));
+        assert_eq!(config.cpus.max(), 4);
+        let message = |cpus: &str| {
+            let mut config = bootable();
+            config.cpus = parse_cpus(cpus).unwrap();
+            config.validate().unwrap_err().to_string()
+        };
+        assert!(message("boot=4,max=2").contains("max=2 is below boot=4"));
+        assert!(message("boot=1,max=4,topology=1:2:1:1").contains("describes 2 vCPUs"));
+        assert!(message("boot=1,max=4,topology=2:2:1:1").contains("single-threaded"));
+        assert!(message("boot=1,max=255").contains("up to 254"));
+        assert!(parse_cpus("topology=1:2").is_err());
+        let json = r#"{"boot_vcpus": 1, "max_vcpus": 8, "topology": {"threads_per_core": 1,
+            "cores_per_die": 8, "dies_per_package": 1, "packages": 1}}"#;
+        let cpus: CpusConfig = serde_json::from_str(json).unwrap();
+        assert_eq!(cpus.topology.unwrap().cores_per_die, 8);
+        assert!(!serde_json::to_string(&CpusConfig::default())
+            .unwrap()
+            .contains("topology"));
+    }
+
+    #[test]
+    fn hotplug_size_and_pci_segments_are_checked() {
+        let mut config = bootable();
+        config.memory = parse_memory("size=1G,hotplug_size=4G").unwrap();
+        assert_eq!(config.memory.hotplug_size, Some(4 << 30));
+        assert_eq!(config.validate(), Ok(()));
+        config.memory.hotplug_size = Some((4 << 30) + 4096);
+        assert!(config
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("not a multiple of 128 MiB"));
+        let mut config = bootable();
+        config.platform.num_pci_segments = 0;
+        assert!(config
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("1 to 16"));
+        let parsed: VmConfig =
+            serde_json::from_str(r#"{"platform": {"num_pci_segments": 2}}"#).unwrap();
+        assert_eq!(parsed.platform.num_pci_segments, 2);
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! The channel between a [`crate::handle::VmHandle`] and its VMM thread:
 //! requests (boot, pause, resume, power button, shutdown, reboot, counters,
-//! quit) queued
+//! adding a device before boot, quit) queued
 //! with a reply channel and an eventfd that wakes the event loop, the VM's
 //! state and configuration as everyone may read them, the subscribers of
 //! [`VmEvent`]s, and the record of the last stop.
@@ -13,7 +13,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::config::VmConfig;
+use crate::config::{DiskConfig, FsConfig, NetConfig, VmConfig};
 use crate::lifecycle::StopReason;
 use crate::vm::{ConsoleSummary, VmError};
 
@@ -81,8 +81,22 @@ pub enum Command {
     Counters,
     /// Press the ACPI power button.
     PowerButton,
+    /// Add the device waiting in [`Control::take_device`] (not running).
+    AddDevice,
     /// Stop the VM if it runs and end the VMM thread.
     Quit,
+}
+
+/// A device added to a VM that is not running (`vm.add-*` before boot),
+/// already checked against the whole configuration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NewDevice {
+    /// A virtio-blk disk.
+    Disk(DiskConfig),
+    /// A virtio-net NIC (its taps are opened when it is added).
+    Net(NetConfig),
+    /// A virtio-fs share.
+    Fs(FsConfig),
 }
 
 impl Command {
@@ -96,6 +110,9 @@ impl Command {
             Command::Reboot => "reboot",
             Command::Counters => "read counters",
             Command::PowerButton => "press the power button",
+            Command::AddDevice => {
+                "add a device (zvmm has no hotplug yet: add devices before vm.boot)"
+            }
             Command::Quit => "quit",
         }
     }
@@ -181,6 +198,7 @@ pub struct Control {
     status: Mutex<Status>,
     status_changed: Condvar,
     subscribers: Mutex<Vec<Sender<VmEvent>>>,
+    device: Mutex<Option<NewDevice>>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -202,6 +220,7 @@ impl Control {
             }),
             status_changed: Condvar::new(),
             subscribers: Mutex::new(Vec::new()),
+            device: Mutex::new(None),
         })
     }
 
@@ -250,6 +269,21 @@ impl Control {
     /// The configuration in force.
     pub fn config(&self) -> VmConfig {
         lock(&self.status).config.clone()
+    }
+
+    /// Records the configuration in force (a device was added).
+    pub fn set_config(&self, config: VmConfig) {
+        lock(&self.status).config = config;
+    }
+
+    /// Hands `device` to the VMM thread for the next [`Command::AddDevice`].
+    pub fn put_device(&self, device: NewDevice) {
+        *lock(&self.device) = Some(device);
+    }
+
+    /// The device a [`Command::AddDevice`] is about.
+    pub fn take_device(&self) -> Option<NewDevice> {
+        lock(&self.device).take()
     }
 
     /// Records a new state (and clears the last stop when running again).
@@ -346,6 +380,21 @@ mod tests {
             Err(ControlError::Gone)
         ));
         assert!(control.wait_stopped().is_none());
+    }
+
+    #[test]
+    fn a_device_waits_for_the_vmm_thread_and_the_config_is_replaced() {
+        let control = Control::new(VmConfig::default()).unwrap();
+        assert_eq!(control.take_device(), None);
+        let disk = crate::config::parse_disk("/img").unwrap();
+        control.put_device(NewDevice::Disk(disk.clone()));
+        assert_eq!(control.take_device(), Some(NewDevice::Disk(disk.clone())));
+        assert_eq!(control.take_device(), None);
+        let mut config = VmConfig::default();
+        config.disks.push(disk);
+        control.set_config(config.clone());
+        assert_eq!(control.config(), config);
+        assert!(Command::AddDevice.action().contains("before vm.boot"));
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The library API: [`Vm::create`] checks a [`VmConfig`], opens KVM and
 //! the console, and starts the VMM thread; the returned [`VmHandle`]
-//! boots, pauses, resumes, reboots, presses the power button of and stops the VM, reports its state,
+//! boots, pauses, resumes, reboots, presses the power button of and stops the VM, adds devices
+//! to it before boot, reports its state,
 //! configuration and counters, and hands out channels of [`VmEvent`]s.
 //! The `zvmm` command and the REST API are both users of it.
 //!
@@ -12,7 +13,7 @@
 //! let mut config = VmConfig::default();
 //! config.payload.kernel = Some("vmlinux".into());
 //! config.payload.cmdline = Some("console=ttyS0".into());
-//! config.cpus = CpusConfig { boot_vcpus: 2, max_vcpus: 2 };
+//! config.cpus = CpusConfig { boot_vcpus: 2, max_vcpus: 2, topology: None };
 //! config.memory.size = 256 << 20;
 //! config.serial = ConsoleConfig { mode: ConsoleMode::Pty, file: None };
 //! config.validate().unwrap();
@@ -56,7 +57,7 @@ use serde::Serialize;
 
 use crate::config::VmConfig;
 use crate::control::{
-    Command, Control, ControlError, Counters, Reply, StopReport, VmEvent, VmState,
+    Command, Control, ControlError, Counters, NewDevice, Reply, StopReport, VmEvent, VmState,
 };
 use crate::vm::{VmError, Vmm};
 use crate::watch::{ConsoleWatcher, TimelineEntry};
@@ -153,6 +154,17 @@ impl VmHandle {
     /// be booted again. Returns once the vCPUs have stopped.
     pub fn shutdown(&self) -> Result<(), ControlError> {
         self.act(Command::Shutdown)
+    }
+
+    /// Adds `device` to a VM that is not running (created, or shut down):
+    /// the next boot has it. A NIC's taps are opened (or its fds adopted)
+    /// now. `device` must have been checked with the whole configuration.
+    pub fn add_device(&self, device: NewDevice) -> Result<(), ControlError> {
+        self.control.put_device(device);
+        let result = self.act(Command::AddDevice);
+        // A device the VMM thread never took (wrong state) is dropped here.
+        let _ = self.control.take_device();
+        result
     }
 
     /// Stops the VM and boots it again from its configuration.

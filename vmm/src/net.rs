@@ -103,6 +103,16 @@ impl NetBackends {
         self.nics.is_empty()
     }
 
+    /// Number of NICs.
+    pub fn len(&self) -> usize {
+        self.nics.len()
+    }
+
+    /// Adds `other`'s NICs after these (a NIC added before boot).
+    pub fn append(&mut self, mut other: NetBackends) {
+        self.nics.append(&mut other.nics);
+    }
+
     /// This boot's virtio-net devices, with their ids, in configuration
     /// order; they share the NICs' taps.
     pub fn devices(&self) -> Result<Vec<(String, Net)>, NetSetupError> {

@@ -89,6 +89,8 @@ pub struct PciContext<'a> {
     pub ram: &'a GuestRam,
     /// Guest RAM size (places the 64-bit window above it).
     pub ram_size: u64,
+    /// Bytes kept free above RAM for memory hotplug (below the window).
+    pub hotplug_size: u64,
 }
 
 /// Builds the PCI root with one virtio-pci function per device, in order
@@ -100,7 +102,7 @@ pub fn create_pci(
     pio: &mut Bus,
     mmio: &mut Bus,
 ) -> Result<PciPlatform, PciSetupError> {
-    let mmio64_start = layout::pci_mmio64_start(context.ram_size);
+    let mmio64_start = layout::pci_mmio64_start_above(context.ram_size, context.hotplug_size);
     let mut allocator = BarAllocator::new(
         layout::PCI_MMIO32_START,
         layout::PCI_MMIO32_SIZE,

@@ -164,6 +164,7 @@ pub fn create_platform(
         serial,
         acpi: AcpiPlatform {
             cpus,
+            max_cpus: cpus,
             legacy_pic: true,
             devices: acpi_devices,
         },

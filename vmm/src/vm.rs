@@ -28,7 +28,8 @@ use crate::cloud_init::{attach_seed, SeedDisk};
 use crate::config::{ConsoleMode, OnReset, VmConfig};
 use crate::console::{announce_pty, open_console, InputForwarder, RawTerminal};
 use crate::control::{
-    Command, Control, ControlError, Counters, Reply, Request, StopReport, VmEvent, VmState,
+    Command, Control, ControlError, Counters, NewDevice, Reply, Request, StopReport, VmEvent,
+    VmState,
 };
 use crate::cpuid::build_cpuid;
 use crate::fs::{start_shares, FsDaemons};
@@ -253,6 +254,10 @@ impl Vmm {
                     request.answer(Ok(Reply::Done));
                     break;
                 }
+                Command::AddDevice => {
+                    let added = self.add_device(control).map_err(ControlError::from);
+                    request.answer(added.map(|()| Reply::Done));
+                }
                 command => {
                     let state = control.state();
                     request.answer(Err(ControlError::WrongState {
@@ -262,6 +267,33 @@ impl Vmm {
                 }
             }
         }
+    }
+
+    /// Adds the device waiting in `control` to the configuration (the
+    /// next boot builds it); a NIC's taps are opened now.
+    fn add_device(&mut self, control: &Control) -> Result<(), VmError> {
+        let Some(device) = control.take_device() else {
+            return Ok(());
+        };
+        let mut config = self.config.clone();
+        match device {
+            NewDevice::Disk(disk) => config.disks.push(disk),
+            NewDevice::Fs(share) => config.fs.push(share),
+            NewDevice::Net(mut net) => {
+                let index = config.net.len();
+                net.id.get_or_insert_with(|| format!("_net{index}"));
+                config.net.push(net);
+            }
+        }
+        for note in config.complete() {
+            eprintln!("zvmm: {note}");
+        }
+        let opened = self.nets.len();
+        let nets = NetBackends::open(&mut config.net[opened..])?;
+        self.nets.append(nets);
+        control.set_config(config.clone());
+        self.config = config;
+        Ok(())
     }
 
     /// Builds the machine and starts its vCPUs.
@@ -536,6 +568,7 @@ impl Machine {
         register_guest_ram(&vm, &ram)?;
         let cpus = config.cpus.boot_vcpus;
         let mut platform = create_platform(&vm, cpus, ram_size, output, lifecycle)?;
+        platform.acpi.max_cpus = config.cpus.max();
         let power_button = add_power_button(&vm, &mut platform)?;
         let mut mmio = Bus::new();
         if irqchip == IrqchipMode::Split {
@@ -550,6 +583,7 @@ impl Machine {
             routing: &routing,
             ram: &ram,
             ram_size,
+            hotplug_size: config.memory.hotplug_size.unwrap_or(0),
         };
         let mut devices = virtio_devices(config, nets)?;
         let (shares, fs_daemons) = start_shares(config, &ram, lifecycle)?;

@@ -1,8 +1,9 @@
 //! The MADT ("APIC", revision 5 as in ACPI 6.4): the local APIC address,
 //! one enabled Processor Local APIC per vCPU (APIC ID = processor UID =
-//! index), the in-kernel IOAPIC, the PIT's interrupt source override when it
-//! is not identity-mapped ([`layout::PIT_GSI`]) and the LINT1 NMI of all
-//! processors.
+//! index), then one present-but-not-enabled, online-capable entry per vCPU
+//! that may be hotplugged later (up to `max_cpus`), the IOAPIC, the PIT's
+//! interrupt source override when it is not identity-mapped
+//! ([`layout::PIT_GSI`]) and the LINT1 NMI of all processors.
 //!
 //! The acpi_tables crate's MADT builder cannot set the PCAT_COMPAT flag nor
 //! add overrides or NMI entries, so the entries are encoded here.
@@ -37,13 +38,17 @@ const TYPE_LOCAL_APIC_NMI: u8 = 4;
 
 /// Processor Local APIC flag: enabled.
 const LOCAL_APIC_ENABLED: u32 = 1;
+/// Processor Local APIC flag (MADT revision 5+): not enabled now, but the
+/// OS may bring it online later (hotplug).
+const LOCAL_APIC_ONLINE_CAPABLE: u32 = 1 << 1;
 /// MPS INTI flags: polarity and trigger mode conform to the bus.
 const INTI_CONFORMING: u16 = 0;
 
-/// Processor Local APIC entry for processor `uid` with local APIC `apic_id`.
-fn local_apic(uid: u8, apic_id: u8) -> Vec<u8> {
+/// Processor Local APIC entry for processor `uid` with local APIC
+/// `apic_id` and `flags`.
+fn local_apic(uid: u8, apic_id: u8, flags: u32) -> Vec<u8> {
     let mut entry = vec![TYPE_LOCAL_APIC, 8, uid, apic_id];
-    entry.extend_from_slice(&LOCAL_APIC_ENABLED.to_le_bytes());
+    entry.extend_from_slice(&flags.to_le_bytes());
     entry
 }
 
@@ -71,8 +76,9 @@ fn local_apic_nmi() -> Vec<u8> {
     entry
 }
 
-/// Builds the MADT for `cpus` vCPUs; `legacy_pic` sets PCAT_COMPAT.
-pub(super) fn build(cpus: u8, legacy_pic: bool) -> Result<Vec<u8>, AcpiError> {
+/// Builds the MADT for `cpus` running vCPUs of at most `max_cpus`;
+/// `legacy_pic` sets PCAT_COMPAT.
+pub(super) fn build(cpus: u8, max_cpus: u8, legacy_pic: bool) -> Result<Vec<u8>, AcpiError> {
     if cpus == 0 {
         return Err(AcpiError::NoCpus);
     }
@@ -88,7 +94,10 @@ pub(super) fn build(cpus: u8, legacy_pic: bool) -> Result<Vec<u8>, AcpiError> {
     madt.write_u32(HEADER_LEN, LOCAL_APIC_ADDRESS);
     madt.write_u32(HEADER_LEN + 4, if legacy_pic { PCAT_COMPAT } else { 0 });
     for id in 0..cpus {
-        madt.append_slice(&local_apic(id, id));
+        madt.append_slice(&local_apic(id, id, LOCAL_APIC_ENABLED));
+    }
+    for id in cpus..max_cpus.max(cpus) {
+        madt.append_slice(&local_apic(id, id, LOCAL_APIC_ONLINE_CAPABLE));
     }
     madt.append_slice(&io_apic());
     if layout::PIT_GSI != 0 {
@@ -118,13 +127,13 @@ mod tests {
     #[test]
     fn pcat_compat_only_with_the_legacy_pic() {
         let flags = |madt: &[u8]| u32::from_le_bytes(madt[40..44].try_into().unwrap());
-        assert_eq!(flags(&build(1, true).unwrap()), PCAT_COMPAT);
-        assert_eq!(flags(&build(1, false).unwrap()), 0);
+        assert_eq!(flags(&build(1, 1, true).unwrap()), PCAT_COMPAT);
+        assert_eq!(flags(&build(1, 1, false).unwrap()), 0);
     }
 
     #[test]
     fn header_and_checksum() {
-        let madt = build(4, true).unwrap();
+        let madt = build(4, 4, true).unwrap();
         assert_eq!(&madt[..4], b"APIC");
         assert_eq!(madt[8], 5);
         assert_eq!(
@@ -144,7 +153,7 @@ mod tests {
     #[test]
     fn one_enabled_local_apic_per_cpu() {
         for cpus in [1u8, 2, 255] {
-            let madt = build(cpus, true).unwrap();
+            let madt = build(cpus, cpus, true).unwrap();
             let lapics: Vec<_> = entries(&madt)
                 .into_iter()
                 .filter(|(t, _)| *t == TYPE_LOCAL_APIC)
@@ -158,8 +167,24 @@ mod tests {
     }
 
     #[test]
+    fn cpus_above_the_boot_count_are_online_capable_not_enabled() {
+        let madt = build(2, 5, false).unwrap();
+        let lapics: Vec<Vec<u8>> = entries(&madt)
+            .into_iter()
+            .filter(|(t, _)| *t == TYPE_LOCAL_APIC)
+            .map(|(_, e)| e.to_vec())
+            .collect();
+        assert_eq!(lapics.len(), 5);
+        for (i, entry) in lapics.iter().enumerate() {
+            let flags = if i < 2 { 1 } else { 2 };
+            assert_eq!(entry, &[0, 8, i as u8, i as u8, flags, 0, 0, 0], "cpu {i}");
+        }
+        assert_eq!(build(3, 1, false).unwrap(), build(3, 3, false).unwrap());
+    }
+
+    #[test]
     fn has_the_ioapic_and_nmi() {
-        let madt = build(2, true).unwrap();
+        let madt = build(2, 2, true).unwrap();
         let entries = entries(&madt);
         let ioapics: Vec<_> = entries.iter().filter(|(t, _)| *t == TYPE_IO_APIC).collect();
         assert_eq!(ioapics.len(), 1);
@@ -180,7 +205,7 @@ mod tests {
 
     #[test]
     fn pit_override_matches_the_routing() {
-        let madt = build(1, true).unwrap();
+        let madt = build(1, 1, true).unwrap();
         let overrides: Vec<_> = entries(&madt)
             .into_iter()
             .filter(|(t, _)| *t == TYPE_SOURCE_OVERRIDE)
@@ -200,6 +225,6 @@ mod tests {
 
     #[test]
     fn zero_cpus_is_an_error() {
-        assert!(matches!(build(0, true), Err(AcpiError::NoCpus)));
+        assert!(matches!(build(0, 0, true), Err(AcpiError::NoCpus)));
     }
 }

@@ -26,6 +26,10 @@ use crate::layout;
 pub struct AcpiPlatform {
     /// Number of vCPUs; vCPU `i` has local APIC ID and ACPI processor UID `i`.
     pub cpus: u8,
+    /// Highest vCPU count: the ones from `cpus` up to it are described as
+    /// present but not enabled (online-capable, for hotplug); at most
+    /// `cpus` means none.
+    pub max_cpus: u8,
     /// The platform has dual 8259 PICs (MADT flag PCAT_COMPAT).
     pub legacy_pic: bool,
     /// Platform devices declared in the DSDT, in this order.
@@ -257,7 +261,7 @@ fn build_tables(
     end: u64,
 ) -> Result<Vec<PlacedTable>, AcpiError> {
     let dsdt = dsdt::build(&platform.devices)?;
-    let madt = madt::build(platform.cpus, platform.legacy_pic)?;
+    let madt = madt::build(platform.cpus, platform.max_cpus, platform.legacy_pic)?;
     let extra: Vec<Vec<u8>> = pci::mcfg(&platform.devices).into_iter().collect();
     let xsdt_entries = 2 + extra.len();
 
@@ -348,6 +352,7 @@ mod tests {
     fn platform(cpus: u8) -> AcpiPlatform {
         AcpiPlatform {
             cpus,
+            max_cpus: cpus,
             legacy_pic: true,
             devices: legacy_devices(),
         }

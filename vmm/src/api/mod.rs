@@ -1,32 +1,35 @@
 //! The cloud-hypervisor-compatible REST API on a Unix socket
 //! (`--api-socket`): the socket's hygiene (a stale socket is replaced, a
 //! live one or any other file is refused, mode 0600, removed at exit), the
-//! HTTP server thread (`tiny_http`), the VMM behind it (at most one VM,
-//! created with `vm.create` or from the command line) and the main
+//! HTTP/1.1 server (`server`, `http`: keep-alive, SCM_RIGHTS), the routes
+//! (`routes`), cloud-hypervisor's full `VmConfig` (`compat`), the VMM
+//! behind them (at most one VM, created with `vm.create` or from the
+//! command line, devices added before boot with `vm.add-*`) and the main
 //! thread's wait for the process to end: `vmm.shutdown`, a termination
 //! signal, or the VM stopping by itself (guest poweroff, reset with
 //! `--no-reboot`, crash, timeout), as in cloud-hypervisor. A `vm.shutdown`
 //! only stops the VM; the process stays for `vm.boot` or `vm.delete`.
 
+pub mod compat;
+pub mod http;
 pub mod routes;
+pub mod server;
 
-use std::io::Read;
+use std::os::fd::{IntoRawFd, OwnedFd};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
+use serde_json::Value;
 
 use crate::config::VmConfig;
-use crate::control::{ControlError, Counters, VmEvent};
+use crate::control::{ControlError, Counters, NewDevice, VmEvent};
 use crate::handle::{Vm, VmHandle, VmInfo};
 use crate::lifecycle::{Lifecycle, StopReason};
 use crate::signals;
-use routes::{route, Backend, BackendError, Method};
-
-/// Largest request body read (a VM configuration is a few KiB).
-const MAX_BODY: u64 = 1 << 20;
+use routes::{Backend, BackendError, DeviceAddition};
 
 /// The API could not be started or the VMM failed.
 #[derive(Debug, thiserror::Error)]
@@ -50,10 +53,7 @@ pub enum ApiError {
         #[source]
         source: std::io::Error,
     },
-    /// The HTTP server could not start.
-    #[error("--api-socket: cannot start the HTTP server: {0}")]
-    Server(String),
-    /// A host resource (eventfd, epoll, signal handler) failed.
+    /// A host resource (eventfd, epoll, signal handler, thread) failed.
     #[error("cannot set up {0}")]
     Host(String),
     /// The VM given on the command line could not be created or booted.
@@ -110,9 +110,17 @@ impl Drop for ApiSocket {
     }
 }
 
+/// The VM behind the API: its handle and the configuration as asked for
+/// (`vm.create` plus `vm.add-*`, before zvmm filled anything in), which
+/// every later addition is checked with.
+struct ApiVm {
+    handle: VmHandle,
+    requested: Value,
+}
+
 /// The VMM behind the API: at most one VM, and the process's own stop.
 struct ApiVmm {
-    vm: Mutex<Option<VmHandle>>,
+    vm: Mutex<Option<ApiVm>>,
     exit: Arc<Lifecycle>,
     failure: Arc<Mutex<Option<String>>>,
 }
@@ -121,8 +129,18 @@ fn failed(e: impl std::fmt::Display) -> BackendError {
     BackendError::Failed(e.to_string())
 }
 
+fn bad_config(e: impl std::fmt::Display) -> BackendError {
+    BackendError::BadConfig(e.to_string())
+}
+
+/// The NetConfig defaults cloud-hypervisor's clients write out; they
+/// address the host side of a tap the VMM creates, never of one passed
+/// as a descriptor.
+const CH_DEFAULT_IP: &str = "192.168.249.1";
+const CH_DEFAULT_MASK: &str = "255.255.255.0";
+
 impl ApiVmm {
-    fn lock(&self) -> MutexGuard<'_, Option<VmHandle>> {
+    fn lock(&self) -> MutexGuard<'_, Option<ApiVm>> {
         self.vm.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -134,52 +152,156 @@ impl ApiVmm {
         let vm = vm
             .as_ref()
             .ok_or_else(|| failed("no VM created: PUT vm.create first"))?;
-        act(vm).map_err(failed)
+        act(&vm.handle).map_err(failed)
     }
 
-    fn create_vm(&self, config: VmConfig) -> Result<(), ApiError> {
+    fn create_vm(&self, config: VmConfig, requested: Value) -> Result<(), ApiError> {
         let handle = Vm::create(config)?;
-        self.watch(&handle);
-        *self.lock() = Some(handle);
+        self.watch(&handle)?;
+        *self.lock() = Some(ApiVm { handle, requested });
         Ok(())
     }
 
     /// Ends the process when the VM stops by itself.
-    fn watch(&self, handle: &VmHandle) {
+    fn watch(&self, handle: &VmHandle) -> Result<(), ApiError> {
         let events = handle.events();
         let exit = self.exit.clone();
         let failure = self.failure.clone();
-        std::thread::spawn(move || {
-            for event in events {
-                match event {
-                    VmEvent::Stopped(StopReason::Requested) => {}
-                    VmEvent::Stopped(reason) => exit.stop(reason),
-                    VmEvent::Failed(message) => {
-                        *failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(message);
-                        exit.stop(StopReason::Requested);
+        std::thread::Builder::new()
+            .name("api-vm-events".into())
+            .spawn(move || {
+                for event in events {
+                    match event {
+                        VmEvent::Stopped(StopReason::Requested) => {}
+                        VmEvent::Stopped(reason) => exit.stop(reason),
+                        VmEvent::Failed(message) => {
+                            *failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(message);
+                            exit.stop(StopReason::Requested);
+                        }
+                        _ => continue,
                     }
-                    _ => continue,
                 }
-            }
-        });
+            })
+            .map(|_| ())
+            .map_err(|e| ApiError::Host(format!("the VM event thread: {e}")))
     }
 }
 
+/// Refuses tap fds written into a body: over the API they come as
+/// SCM_RIGHTS with `vm.add-net`.
+fn refuse_fd_numbers(nets: Option<&Value>) -> Result<(), BackendError> {
+    let nets = nets
+        .and_then(Value::as_array)
+        .map(Vec::as_slice)
+        .unwrap_or(&[]);
+    match nets.iter().position(|net| net.get("fds").is_some()) {
+        Some(index) => Err(bad_config(format!(
+            "net[{index}].fds: send tap fds with vm.add-net as SCM_RIGHTS, not as numbers"
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// Puts the descriptors received with `vm.add-net` into its configuration
+/// (by number: the VMM adopts and closes them), dropping the host-address
+/// defaults that do not apply to them.
+fn attach_fds(net: &mut Value, fds: &[OwnedFd]) -> Result<(), BackendError> {
+    use std::os::fd::AsRawFd;
+    refuse_fd_numbers(Some(&Value::Array(vec![net.clone()])))?;
+    if fds.is_empty() {
+        return Ok(());
+    }
+    let Some(members) = net.as_object_mut() else {
+        return Err(bad_config("vm.add-net: expected a JSON object"));
+    };
+    if members.contains_key("tap") {
+        return Err(bad_config("vm.add-net: give tap or send tap fds, not both"));
+    }
+    for (key, default) in [("ip", CH_DEFAULT_IP), ("mask", CH_DEFAULT_MASK)] {
+        if members.get(key).and_then(Value::as_str) == Some(default) {
+            members.remove(key);
+        }
+    }
+    let numbers: Vec<i32> = fds.iter().map(AsRawFd::as_raw_fd).collect();
+    members.insert("fds".into(), numbers.into());
+    Ok(())
+}
+
+/// The requested configuration with `config` added to `field`.
+fn with_device(mut requested: Value, field: &str, config: Value) -> Result<Value, BackendError> {
+    let Some(members) = requested.as_object_mut() else {
+        return Err(failed("the VM configuration is not an object"));
+    };
+    if field == "vsock" {
+        if members.get(field).is_some_and(|v| !v.is_null()) {
+            return Err(failed("the VM already has a vsock device"));
+        }
+        members.insert(field.into(), config);
+    } else {
+        let list = members
+            .entry(field)
+            .or_insert_with(|| Value::Array(Vec::new()));
+        match list.as_array_mut() {
+            Some(list) => list.push(config),
+            None => *list = Value::Array(vec![config]),
+        }
+    }
+    Ok(requested)
+}
+
+/// The device just added to `field`, as the VMM thread takes it.
+fn new_device(config: &VmConfig, field: &str) -> Result<NewDevice, BackendError> {
+    let missing = || failed(format!("{field}: the added device is missing"));
+    Ok(match field {
+        "disks" => NewDevice::Disk(config.disks.last().cloned().ok_or_else(missing)?),
+        "net" => NewDevice::Net(config.net.last().cloned().ok_or_else(missing)?),
+        "fs" => NewDevice::Fs(config.fs.last().cloned().ok_or_else(missing)?),
+        other => return Err(bad_config(format!("{other}: zvmm cannot add this device"))),
+    })
+}
+
 impl Backend for ApiVmm {
-    fn create(&self, config: VmConfig) -> Result<(), BackendError> {
-        config
-            .validate()
-            .map_err(|e| BackendError::BadConfig(e.to_string()))?;
+    fn create(&self, body: Value) -> Result<(), BackendError> {
+        refuse_fd_numbers(body.get("net"))?;
+        let config = compat::vm_config(body.clone()).map_err(bad_config)?;
+        config.validate().map_err(bad_config)?;
         if self.lock().is_some() {
             return Err(failed("a VM is already created: PUT vm.delete first"));
         }
-        self.create_vm(config).map_err(failed)
+        self.create_vm(config, body).map_err(failed)
+    }
+
+    fn add_device(&self, device: DeviceAddition) -> Result<(), BackendError> {
+        let DeviceAddition {
+            field,
+            mut config,
+            fds,
+        } = device;
+        routes::strip_nulls(&mut config);
+        if field == "net" {
+            attach_fds(&mut config, &fds)?;
+        }
+        let mut vm = self.lock();
+        let vm = vm
+            .as_mut()
+            .ok_or_else(|| failed("no VM created: PUT vm.create first"))?;
+        let requested = with_device(vm.requested.clone(), field, config)?;
+        let candidate = compat::vm_config(requested.clone()).map_err(bad_config)?;
+        candidate.validate().map_err(bad_config)?;
+        let device = new_device(&candidate, field)?;
+        vm.handle.add_device(device).map_err(failed)?;
+        vm.requested = requested;
+        // Adopted by the VMM, which closed the received numbers.
+        for fd in fds {
+            let _ = fd.into_raw_fd();
+        }
+        Ok(())
     }
 
     fn delete(&self) -> Result<(), BackendError> {
-        let handle = self.lock().take();
-        if let Some(handle) = handle {
-            handle.quit();
+        let vm = self.lock().take();
+        if let Some(vm) = vm {
+            vm.handle.quit();
         }
         Ok(())
     }
@@ -217,6 +339,16 @@ impl Backend for ApiVmm {
     }
 }
 
+impl server::Service for ApiVmm {
+    fn backend(&self) -> &dyn Backend {
+        self
+    }
+
+    fn exit_requested(&self) {
+        self.exit.stop(StopReason::Requested);
+    }
+}
+
 /// Serves the API on `socket` until the process must end; creates and
 /// boots `config` first when given. Returns why the process ends.
 pub fn run(socket: &Path, config: Option<VmConfig>) -> Result<StopReason, ApiError> {
@@ -231,21 +363,11 @@ pub fn run(socket: &Path, config: Option<VmConfig>) -> Result<StopReason, ApiErr
     let listener = socket
         .listener
         .take()
-        .ok_or_else(|| ApiError::Server("no listener".into()))?;
-    let server = Arc::new(
-        tiny_http::Server::from_listener(listener, None)
-            .map_err(|e| ApiError::Server(e.to_string()))?,
-    );
-    let http = {
-        let (server, vmm) = (server.clone(), vmm.clone());
-        std::thread::Builder::new()
-            .name("api".into())
-            .spawn(move || serve_http(&server, &vmm))
-            .map_err(|e| ApiError::Host(format!("the API thread: {e}")))?
-    };
+        .ok_or_else(|| ApiError::Host("the API socket's listener".into()))?;
+    let server = server::Server::start(listener, vmm.clone())
+        .map_err(|e| ApiError::Host(format!("the API server: {e}")))?;
     let result = boot_initial(&vmm, config).and_then(|()| wait_for_exit(&exit));
-    server.unblock();
-    let _ = http.join();
+    server.stop();
     // Stops a VM that still runs (vmm.shutdown, signal) before the socket goes.
     let _ = vmm.delete();
     drop(socket);
@@ -260,10 +382,11 @@ fn boot_initial(vmm: &ApiVmm, config: Option<VmConfig>) -> Result<(), ApiError> 
     let Some(config) = config else {
         return Ok(());
     };
-    vmm.create_vm(config)?;
+    let requested = serde_json::to_value(&config).unwrap_or(Value::Null);
+    vmm.create_vm(config, requested)?;
     let vm = vmm.lock();
     match vm.as_ref() {
-        Some(handle) => handle.boot().map_err(ApiError::from),
+        Some(vm) => vm.handle.boot().map_err(ApiError::from),
         None => Ok(()),
     }
 }
@@ -302,49 +425,6 @@ impl MutEventSubscriber for ExitWatcher {
         // Without it the 100 ms poll still notices the stop.
         let _ = ops.add(Events::new(self.exit.wake_fd(), EventSet::IN));
     }
-}
-
-/// Answers requests one at a time until the server is unblocked.
-fn serve_http(server: &tiny_http::Server, vmm: &ApiVmm) {
-    while let Ok(mut request) = server.recv() {
-        let method = match request.method() {
-            tiny_http::Method::Get => Method::Get,
-            tiny_http::Method::Put => Method::Put,
-            _ => Method::Other,
-        };
-        let mut body = Vec::new();
-        let read = request.as_reader().take(MAX_BODY).read_to_end(&mut body);
-        let answer = match read {
-            Ok(_) => route(vmm, method, request.url(), &body),
-            Err(e) => routes::Answer {
-                status: 400,
-                body: format!("cannot read the request body: {e}"),
-                json: false,
-                exit_after: false,
-            },
-        };
-        let exit_after = answer.exit_after;
-        // A client that went away is no reason to stop serving.
-        let _ = request.respond(response(answer));
-        if exit_after {
-            vmm.exit.stop(StopReason::Requested);
-            return;
-        }
-    }
-}
-
-fn response(answer: routes::Answer) -> tiny_http::Response<std::io::Cursor<Vec<u8>>> {
-    let content_type = if answer.json {
-        "application/json"
-    } else {
-        "text/plain"
-    };
-    let mut response =
-        tiny_http::Response::from_data(answer.body.into_bytes()).with_status_code(answer.status);
-    if let Ok(header) = tiny_http::Header::from_bytes("Content-Type", content_type) {
-        response.add_header(header);
-    }
-    response
 }
 
 #[cfg(test)]

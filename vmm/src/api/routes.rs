@@ -1,14 +1,19 @@
 //! The REST API's routing, independent of the HTTP server: a request's
-//! method, path and body become a call on a [`Backend`] and an answer with
-//! cloud-hypervisor's status codes — 200 with JSON for queries, 204 for
-//! actions, 400 for a body that is not a valid configuration, 404 for an
-//! unknown path, 405 for a known path with the wrong method, 500 with a
-//! one-line message when the VM can't do what was asked (wrong state, no
-//! VM created, boot failure).
+//! method, path, body and attached descriptors become a call on a
+//! [`Backend`] and an answer with cloud-hypervisor's status codes — 200
+//! with JSON for queries, 204 for actions, 400 for a body that is not a
+//! valid configuration (or a field zvmm cannot honour, named), 404 for an
+//! unknown path, 405 for a known path with the wrong method, 501 for
+//! cloud-hypervisor endpoints zvmm does not serve, 500 with a one-line
+//! message when the VM can't do what was asked (wrong state, no VM
+//! created, boot failure). Every answer with a body is JSON, errors as
+//! `{"error": "..."}`; `null`s are left out (the spec has no nullable
+//! field).
+
+use std::os::fd::OwnedFd;
 
 use serde::Serialize;
 
-use crate::config::VmConfig;
 use crate::control::Counters;
 use crate::handle::VmInfo;
 
@@ -27,10 +32,23 @@ pub enum BackendError {
     Failed(String),
 }
 
+/// A device added with `vm.add-*` before boot.
+#[derive(Debug)]
+pub struct DeviceAddition {
+    /// The `VmConfig` field it joins: `disks`, `net`, `fs` or `vsock`.
+    pub field: &'static str,
+    /// The device's configuration as sent.
+    pub config: serde_json::Value,
+    /// Descriptors sent with the request (tap fds for `vm.add-net`).
+    pub fds: Vec<OwnedFd>,
+}
+
 /// What the API drives: the VMM with at most one VM.
 pub trait Backend {
     /// `vm.create`: checks `config` and creates the VM (not booted).
-    fn create(&self, config: VmConfig) -> Result<(), BackendError>;
+    fn create(&self, config: serde_json::Value) -> Result<(), BackendError>;
+    /// `vm.add-disk`, `vm.add-net`, `vm.add-fs`, `vm.add-vsock`.
+    fn add_device(&self, device: DeviceAddition) -> Result<(), BackendError>;
     /// `vm.delete`: stops the VM if it runs and forgets it.
     fn delete(&self) -> Result<(), BackendError>;
     /// `vm.boot`.
@@ -82,10 +100,8 @@ impl PingResponse {
 pub struct Answer {
     /// Status code.
     pub status: u16,
-    /// JSON document (2xx) or one-line message (errors); empty for 204.
+    /// A JSON document; empty for 204.
     pub body: String,
-    /// Whether `body` is JSON.
-    pub json: bool,
     /// The process must end once this answer is sent (`vmm.shutdown`).
     pub exit_after: bool,
 }
@@ -95,30 +111,56 @@ impl Answer {
         Self {
             status: 204,
             body: String::new(),
-            json: false,
             exit_after: false,
         }
     }
 
-    fn error(status: u16, message: impl Into<String>) -> Self {
+    /// An error answer: `{"error": message}`.
+    pub fn error(status: u16, message: impl Into<String>) -> Self {
+        let body = serde_json::json!({ "error": message.into() }).to_string();
         Self {
             status,
-            body: message.into(),
-            json: false,
+            body,
             exit_after: false,
         }
     }
 
     fn json(value: &impl Serialize) -> Self {
-        match serde_json::to_string(value) {
-            Ok(body) => Self {
-                status: 200,
-                body,
-                json: true,
-                exit_after: false,
-            },
+        match serde_json::to_value(value) {
+            Ok(mut value) => {
+                strip_nulls(&mut value);
+                Self {
+                    status: 200,
+                    body: value.to_string(),
+                    exit_after: false,
+                }
+            }
             Err(e) => Self::error(500, format!("cannot encode the answer: {e}")),
         }
+    }
+
+    /// The message of an error answer (for logs and tests).
+    pub fn message(&self) -> String {
+        serde_json::from_str::<serde_json::Value>(&self.body)
+            .ok()
+            .and_then(|v| v["error"].as_str().map(str::to_string))
+            .unwrap_or_else(|| self.body.clone())
+    }
+}
+
+/// Removes every `null` member and element: cloud-hypervisor's schemas
+/// have no nullable field, an absent optional field is left out.
+pub fn strip_nulls(value: &mut serde_json::Value) {
+    match value {
+        serde_json::Value::Object(members) => {
+            members.retain(|_, member| !member.is_null());
+            members.values_mut().for_each(strip_nulls);
+        }
+        serde_json::Value::Array(elements) => {
+            elements.retain(|element| !element.is_null());
+            elements.iter_mut().for_each(strip_nulls);
+        }
+        _ => {}
     }
 }
 
@@ -133,12 +175,51 @@ pub enum Method {
     Other,
 }
 
-/// Answers one request.
-pub fn route(backend: &dyn Backend, method: Method, url: &str, body: &[u8]) -> Answer {
+impl Method {
+    /// The method named `name`.
+    pub fn parse(name: &str) -> Self {
+        match name {
+            "GET" => Method::Get,
+            "PUT" => Method::Put,
+            _ => Method::Other,
+        }
+    }
+}
+
+/// The endpoints cloud-hypervisor serves that zvmm does not (yet).
+const UNSUPPORTED: &[(&str, &str)] = &[
+    ("vm.resize", "vCPU and memory hotplug"),
+    ("vm.resize-disk", "disk resizing"),
+    ("vm.resize-zone", "memory zones"),
+    ("vm.add-device", "VFIO passthrough"),
+    ("vm.remove-device", "device hot-unplug"),
+    ("vm.add-generic-vhost-user", "generic vhost-user devices"),
+    ("vm.add-pmem", "virtio-pmem"),
+    ("vm.add-vdpa", "vDPA devices"),
+    ("vm.add-user-device", "vfio-user devices"),
+    ("vm.snapshot", "snapshots"),
+    ("vm.restore", "snapshots"),
+    ("vm.coredump", "guest core dumps"),
+    ("vm.nmi", "NMI injection"),
+    ("vm.receive-migration", "live migration"),
+    ("vm.send-migration", "live migration"),
+];
+
+/// Answers one request; `fds` are the descriptors it carried.
+pub fn route(
+    backend: &dyn Backend,
+    method: Method,
+    url: &str,
+    body: &[u8],
+    fds: Vec<OwnedFd>,
+) -> Answer {
     let path = url.split('?').next().unwrap_or_default();
     let Some(endpoint) = path.strip_prefix(API_PREFIX) else {
         return Answer::error(404, format!("unknown path {path}"));
     };
+    if let Some((_, what)) = UNSUPPORTED.iter().find(|(name, _)| *name == endpoint) {
+        return Answer::error(501, format!("{path}: zvmm does not support {what}"));
+    }
     let Some(expected) = endpoint_method(endpoint) else {
         return Answer::error(404, format!("unknown endpoint {path}"));
     };
@@ -149,6 +230,12 @@ pub fn route(backend: &dyn Backend, method: Method, url: &str, body: &[u8]) -> A
             "PUT"
         };
         return Answer::error(405, format!("{path} takes {name}"));
+    }
+    if !fds.is_empty() && endpoint != "vm.add-net" {
+        return Answer::error(
+            400,
+            format!("{path} takes no file descriptors (only vm.add-net does)"),
+        );
     }
     match endpoint {
         "vmm.ping" => Answer::json(&PingResponse::current()),
@@ -163,6 +250,10 @@ pub fn route(backend: &dyn Backend, method: Method, url: &str, body: &[u8]) -> A
             .counters()
             .map_or_else(|e| backend_error(&e), |c| Answer::json(&c)),
         "vm.create" => create(backend, body),
+        "vm.add-disk" => add(backend, "disks", endpoint, body, fds),
+        "vm.add-net" => add(backend, "net", endpoint, body, fds),
+        "vm.add-fs" => add(backend, "fs", endpoint, body, fds),
+        "vm.add-vsock" => add(backend, "vsock", endpoint, body, fds),
         action => act(backend, action),
     }
 }
@@ -172,18 +263,44 @@ fn endpoint_method(endpoint: &str) -> Option<Method> {
     match endpoint {
         "vmm.ping" | "vm.info" | "vm.counters" => Some(Method::Get),
         "vmm.shutdown" | "vm.create" | "vm.delete" | "vm.boot" | "vm.pause" | "vm.resume"
-        | "vm.power-button" | "vm.shutdown" | "vm.reboot" => Some(Method::Put),
+        | "vm.power-button" | "vm.shutdown" | "vm.reboot" | "vm.add-disk" | "vm.add-net"
+        | "vm.add-fs" | "vm.add-vsock" => Some(Method::Put),
         _ => None,
     }
 }
 
-fn create(backend: &dyn Backend, body: &[u8]) -> Answer {
+/// The body as a JSON object, or the answer refusing it.
+fn json_object(endpoint: &str, body: &[u8]) -> Result<serde_json::Value, Answer> {
     if body.iter().all(u8::is_ascii_whitespace) {
-        return Answer::error(400, "vm.create needs a VM configuration as JSON body");
+        return Err(Answer::error(400, format!("{endpoint} needs a JSON body")));
     }
-    match serde_json::from_slice::<VmConfig>(body) {
-        Ok(config) => done(backend.create(config)),
-        Err(e) => Answer::error(400, format!("vm.create: bad JSON: {e}")),
+    match serde_json::from_slice::<serde_json::Value>(body) {
+        Ok(value) if value.is_object() => Ok(value),
+        Ok(_) => Err(Answer::error(
+            400,
+            format!("{endpoint}: bad JSON: expected an object"),
+        )),
+        Err(e) => Err(Answer::error(400, format!("{endpoint}: bad JSON: {e}"))),
+    }
+}
+
+fn create(backend: &dyn Backend, body: &[u8]) -> Answer {
+    match json_object("vm.create", body) {
+        Ok(value) => done(backend.create(value)),
+        Err(answer) => answer,
+    }
+}
+
+fn add(
+    backend: &dyn Backend,
+    field: &'static str,
+    endpoint: &str,
+    body: &[u8],
+    fds: Vec<OwnedFd>,
+) -> Answer {
+    match json_object(endpoint, body) {
+        Ok(config) => done(backend.add_device(DeviceAddition { field, config, fds })),
+        Err(answer) => answer,
     }
 }
 
@@ -220,12 +337,14 @@ mod tests {
     use std::cell::RefCell;
 
     use super::*;
+    use crate::config::VmConfig;
     use crate::control::VmState;
 
     /// A backend with the state machine of one VM, recording calls.
     #[derive(Default)]
     struct Fake {
         vm: RefCell<Option<(VmConfig, VmState)>>,
+        added: RefCell<Vec<(&'static str, serde_json::Value, usize)>>,
         calls: RefCell<Vec<&'static str>>,
     }
 
@@ -250,11 +369,20 @@ mod tests {
     }
 
     impl Backend for Fake {
-        fn create(&self, config: VmConfig) -> Result<(), BackendError> {
+        fn create(&self, config: serde_json::Value) -> Result<(), BackendError> {
+            let config: VmConfig = serde_json::from_value(config)
+                .map_err(|e| BackendError::BadConfig(e.to_string()))?;
             config
                 .validate()
                 .map_err(|e| BackendError::BadConfig(e.to_string()))?;
             *self.vm.borrow_mut() = Some((config, VmState::Created));
+            Ok(())
+        }
+        fn add_device(&self, device: DeviceAddition) -> Result<(), BackendError> {
+            let fds = device.fds.len();
+            self.added
+                .borrow_mut()
+                .push((device.field, device.config, fds));
             Ok(())
         }
         fn delete(&self) -> Result<(), BackendError> {
@@ -305,19 +433,16 @@ mod tests {
 
     const CONFIG: &str = r#"{"cpus": {"boot_vcpus": 2, "max_vcpus": 2},
         "memory": {"size": 134217728}, "payload": {"kernel": "/k"},
-        "serial": {"mode": "Pty"}, "console": {"mode": "Off"}, "rng": {"src": "/dev/urandom"}}"#;
+        "serial": {"mode": "Pty"}, "console": {"mode": "Off"}}"#;
 
     fn put(fake: &Fake, endpoint: &str, body: &str) -> Answer {
-        route(
-            fake,
-            Method::Put,
-            &format!("/api/v1/{endpoint}"),
-            body.as_bytes(),
-        )
+        let url = format!("/api/v1/{endpoint}");
+        route(fake, Method::Put, &url, body.as_bytes(), Vec::new())
     }
 
     fn get(fake: &Fake, endpoint: &str) -> Answer {
-        route(fake, Method::Get, &format!("/api/v1/{endpoint}"), b"")
+        let url = format!("/api/v1/{endpoint}");
+        route(fake, Method::Get, &url, b"", Vec::new())
     }
 
     fn info_json(fake: &Fake) -> serde_json::Value {
@@ -330,7 +455,6 @@ mod tests {
     fn ping_answers_like_cloud_hypervisor() {
         let answer = get(&Fake::default(), "vmm.ping");
         assert_eq!(answer.status, 200);
-        assert!(answer.json);
         let value: serde_json::Value = serde_json::from_str(&answer.body).unwrap();
         assert_eq!(value["pid"], std::process::id());
         assert_eq!(value["version"], env!("CARGO_PKG_VERSION"));
@@ -364,15 +488,30 @@ mod tests {
     }
 
     #[test]
-    fn wrong_state_is_500_with_a_message() {
+    fn info_leaves_out_nulls() {
+        let fake = Fake::default();
+        assert_eq!(put(&fake, "vm.create", CONFIG).status, 204);
+        let answer = get(&fake, "vm.info");
+        assert!(!answer.body.contains("null"), "{}", answer.body);
+        let info = info_json(&fake);
+        assert!(info["config"]["payload"].get("initramfs").is_none());
+        assert!(info["config"]["console"].get("file").is_none());
+        let mut nested = serde_json::json!({"a": null, "b": [1, null, {"c": null, "d": 2}]});
+        strip_nulls(&mut nested);
+        assert_eq!(nested, serde_json::json!({"b": [1, {"d": 2}]}));
+    }
+
+    #[test]
+    fn errors_are_json_with_a_message() {
         let fake = Fake::default();
         let answer = put(&fake, "vm.pause", "");
         assert_eq!(answer.status, 500);
-        assert!(answer.body.contains("no VM created"), "{answer:?}");
+        let value: serde_json::Value = serde_json::from_str(&answer.body).unwrap();
+        assert_eq!(value["error"], "no VM created");
         put(&fake, "vm.create", CONFIG);
         let answer = put(&fake, "vm.resume", "");
         assert_eq!(answer.status, 500);
-        assert_eq!(answer.body, "cannot resume: created");
+        assert_eq!(answer.message(), "cannot resume: created");
     }
 
     #[test]
@@ -381,31 +520,60 @@ mod tests {
         for body in ["", "{", "[1,2]", r#"{"cpus": {"boot_vcpus": "two"}}"#] {
             let answer = put(&fake, "vm.create", body);
             assert_eq!(answer.status, 400, "{body}: {answer:?}");
-            assert!(!answer.body.is_empty());
+            assert!(!answer.message().is_empty());
         }
         let answer = put(&fake, "vm.create", r#"{"cpus": {"boot_vcpus": 0}}"#);
         assert_eq!(answer.status, 400, "{answer:?}");
-        assert!(answer.body.contains("vCPUs"), "{answer:?}");
+        assert!(answer.message().contains("vCPUs"), "{answer:?}");
         assert!(fake.vm.borrow().is_none());
+        assert_eq!(put(&fake, "vm.add-net", "[]").status, 400);
+        assert!(fake.added.borrow().is_empty());
     }
 
     #[test]
-    fn unknown_paths_are_404_and_wrong_methods_405() {
+    fn add_requests_reach_the_backend_with_their_field_and_fds() {
+        let fake = Fake::default();
+        for (endpoint, field) in [
+            ("vm.add-disk", "disks"),
+            ("vm.add-net", "net"),
+            ("vm.add-fs", "fs"),
+            ("vm.add-vsock", "vsock"),
+        ] {
+            assert_eq!(put(&fake, endpoint, r#"{"id": "x"}"#).status, 204);
+            assert_eq!(fake.added.borrow().last().unwrap().0, field);
+        }
+        let (fd, _peer) = std::os::unix::net::UnixStream::pair().unwrap();
+        let url = "/api/v1/vm.add-net";
+        let answer = route(&fake, Method::Put, url, b"{}", vec![fd.into()]);
+        assert_eq!(answer.status, 204);
+        assert_eq!(fake.added.borrow().last().unwrap().2, 1);
+        let (fd, _peer) = std::os::unix::net::UnixStream::pair().unwrap();
+        let url = "/api/v1/vm.add-disk";
+        let answer = route(&fake, Method::Put, url, b"{}", vec![fd.into()]);
+        assert_eq!(answer.status, 400);
+        assert!(
+            answer.message().contains("no file descriptors"),
+            "{answer:?}"
+        );
+    }
+
+    #[test]
+    fn unknown_paths_are_404_wrong_methods_405_unsupported_501() {
         let fake = Fake::default();
         assert_eq!(get(&fake, "vm.nonsense").status, 404);
-        assert_eq!(route(&fake, Method::Get, "/", b"").status, 404);
-        assert_eq!(
-            route(&fake, Method::Get, "/api/v2/vmm.ping", b"").status,
-            404
-        );
+        let root = route(&fake, Method::Get, "/", b"", Vec::new());
+        assert_eq!(root.status, 404);
+        let v2 = route(&fake, Method::Get, "/api/v2/vmm.ping", b"", Vec::new());
+        assert_eq!(v2.status, 404);
         let answer = get(&fake, "vm.boot");
         assert_eq!(answer.status, 405);
-        assert!(answer.body.contains("PUT"), "{answer:?}");
+        assert!(answer.message().contains("PUT"), "{answer:?}");
         assert_eq!(put(&fake, "vm.info", "").status, 405);
-        assert_eq!(
-            route(&fake, Method::Other, "/api/v1/vmm.ping", b"").status,
-            405
-        );
+        let other = route(&fake, Method::Other, "/api/v1/vmm.ping", b"", Vec::new());
+        assert_eq!(other.status, 405);
+        let resize = put(&fake, "vm.resize", r#"{"desired_vcpus": 2}"#);
+        assert_eq!(resize.status, 501);
+        assert!(resize.message().contains("hotplug"), "{resize:?}");
         assert!(fake.calls.borrow().is_empty());
     }
 
@@ -420,7 +588,8 @@ mod tests {
 
     #[test]
     fn query_strings_are_ignored() {
-        let answer = route(&Fake::default(), Method::Get, "/api/v1/vmm.ping?x=1", b"");
+        let url = "/api/v1/vmm.ping?x=1";
+        let answer = route(&Fake::default(), Method::Get, url, b"", Vec::new());
         assert_eq!(answer.status, 200);
     }
 }
