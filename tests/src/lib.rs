@@ -5,6 +5,7 @@ pub mod bench;
 pub mod container;
 pub mod disk;
 pub mod fs;
+pub mod images;
 pub mod net;
 pub mod probe;
 pub mod qemu;

@@ -108,3 +108,5 @@ pub(crate) mod testing;
 pub mod block;
 pub mod fs;
 pub mod net;
+pub mod rng;
+pub mod vsock;
