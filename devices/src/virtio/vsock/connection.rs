@@ -59,6 +59,13 @@ pub enum State {
     Closing,
 }
 
+/// Host-initiated, the REQUEST not sent yet.
+pub const REQUEST_UNSENT: State = State::Connecting {
+    request_sent: false,
+};
+/// Host-initiated, the REQUEST sent.
+pub const REQUEST_SENT: State = State::Connecting { request_sent: true };
+
 /// One connection.
 #[derive(Debug)]
 pub struct Connection {
@@ -120,9 +127,7 @@ impl Connection {
     /// A host client asked for the guest's `key.peer_port`; it is given up
     /// at `deadline` unless the guest answers.
     pub fn host_initiated(stream: UnixStream, key: Key, deadline: Instant) -> Connection {
-        let mut conn = Self::new(stream, key, State::Connecting {
-            request_sent: false,
-        });
+        let mut conn = Self::new(stream, key, REQUEST_UNSENT);
         conn.deadline = Some(deadline);
         conn
     }
@@ -162,12 +167,8 @@ impl Connection {
 
     /// Whether the connection has a packet for the guest.
     pub fn has_pending(&self) -> bool {
-        matches!(
-            self.state,
-            State::Connecting {
-                request_sent: false
-            }
-        ) || self.send_response
+        self.state == REQUEST_UNSENT
+            || self.send_response
             || self.send_shutdown != 0
             || self.send_credit_update
             || (self.may_send_data() && (self.peer_credit() > 0 || !self.credit_requested))
@@ -187,11 +188,7 @@ impl Connection {
     /// The guest accepted a host-initiated connection: tell the host
     /// client its port with `OK <port>\n`.
     pub fn accept_response(&mut self) -> Result<(), Abort> {
-        if self.state
-            != (State::Connecting {
-                request_sent: true,
-            })
-        {
+        if self.state != REQUEST_SENT {
             return Err(Abort);
         }
         let line = format!("OK {}\n", self.key.local_port);
@@ -319,11 +316,8 @@ impl Connection {
         data: Option<&VolatileSlice<'_>>,
         closing_deadline: Instant,
     ) -> Result<Option<Header>, Abort> {
-        let op = if self.state
-            == (State::Connecting {
-                request_sent: false,
-            }) {
-            self.state = State::Connecting { request_sent: true };
+        let op = if self.state == REQUEST_UNSENT {
+            self.state = REQUEST_SENT;
             Some((OP_REQUEST, 0, 0))
         } else if std::mem::take(&mut self.send_response) {
             Some((OP_RESPONSE, 0, 0))

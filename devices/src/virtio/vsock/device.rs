@@ -178,8 +178,7 @@ impl VirtioDevice for Vsock {
                 )));
             }
         }
-        let (Some(rx), Some(tx)) = (take_queue(&mut queues, 0), take_queue(&mut queues, 1))
-        else {
+        let (Some(rx), Some(tx)) = (take_queue(&mut queues, 0), take_queue(&mut queues, 1)) else {
             return Err(ActivateError::BadQueue(
                 "virtio-vsock needs its rx and tx queues".to_string(),
             ));

@@ -329,7 +329,10 @@ mod tests {
         drop(UnixListener::bind(&path).unwrap());
         let socket = HostSocket::bind(&path).expect("a stale socket is replaced");
         let err = HostSocket::bind(&path).unwrap_err();
-        assert_eq!(err.to_string(), "another process is listening on this socket");
+        assert_eq!(
+            err.to_string(),
+            "another process is listening on this socket"
+        );
         drop(socket);
         let file = dir.as_path().join("notes.txt");
         std::fs::write(&file, b"keep me").unwrap();
@@ -339,7 +342,10 @@ mod tests {
         let err = HostSocket::bind(&dir.as_path().join("no/such/v.sock")).unwrap_err();
         assert!(err.to_string().contains("does not exist"), "{err}");
         let long = dir.as_path().join("x".repeat(120));
-        assert!(matches!(HostSocket::bind(&long), Err(SocketError::TooLong(_))));
+        assert!(matches!(
+            HostSocket::bind(&long),
+            Err(SocketError::TooLong(_))
+        ));
     }
 
     #[test]

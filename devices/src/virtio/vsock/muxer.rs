@@ -30,12 +30,12 @@ use std::time::{Duration, Instant};
 use virtio_vsock::packet::VsockPacket;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
-use super::connection::{Abort, Connection, Key, State};
+use super::connection::{Abort, Connection, Key, State, REQUEST_UNSENT};
 use super::counters::{bump, VsockCounters};
 use super::host::{connect_nonblocking, ConnectLine, HostSocket, PendingHost};
 use super::proto::{
-    Header, HOST_CID, OP_CREDIT_REQUEST, OP_CREDIT_UPDATE, OP_REQUEST, OP_RESPONSE, OP_RST,
-    OP_RW, OP_SHUTDOWN, TYPE_STREAM,
+    Header, HOST_CID, OP_CREDIT_REQUEST, OP_CREDIT_UPDATE, OP_REQUEST, OP_RESPONSE, OP_RST, OP_RW,
+    OP_SHUTDOWN, TYPE_STREAM,
 };
 
 /// How long a host client has for its `CONNECT` line, the guest for its
@@ -282,10 +282,7 @@ impl Muxer {
         let Some(conn) = self.conns.get(&key) else {
             return;
         };
-        let told = conn.state
-            != (State::Connecting {
-                request_sent: false,
-            });
+        let told = conn.state != REQUEST_UNSENT;
         self.remove(key);
         if told {
             self.resets.push_back(key);

@@ -3,8 +3,8 @@
 //! well-known CIDs, socket type, operations, shutdown flags, the sizes
 //! zvmm chooses, and the header of one packet in either direction.
 
-use vm_memory::bitmap::BitmapSlice;
 use virtio_vsock::packet::VsockPacket;
+use vm_memory::bitmap::BitmapSlice;
 
 /// The host's context ID.
 pub const HOST_CID: u64 = 2;

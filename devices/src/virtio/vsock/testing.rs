@@ -59,7 +59,9 @@ impl TestDevice {
     /// Connects a host client and sends `CONNECT <port>\n`.
     pub fn host_connect(&self, port: u32) -> UnixStream {
         let mut stream = UnixStream::connect(&self.socket).unwrap();
-        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
         writeln!(stream, "CONNECT {port}").unwrap();
         stream
     }
@@ -216,7 +218,8 @@ impl<'m> Guest<'m> {
     /// first one's address) and kicks.
     pub fn post_rx_chain(&mut self, descs: &[Desc]) {
         self.buffers.insert(u32::from(self.rx_next), descs[0].addr);
-        self.rx.add_desc_chains(&raw(descs, self.rx_next), self.rx_next);
+        self.rx
+            .add_desc_chains(&raw(descs, self.rx_next), self.rx_next);
         self.rx_next += descs.len() as u16;
         self.kicks[0].write(1).unwrap();
     }
@@ -246,7 +249,8 @@ impl<'m> Guest<'m> {
 
     /// Sends a chain of `descs` as it is, and kicks.
     pub fn send_chain(&mut self, descs: &[Desc]) {
-        self.tx.add_desc_chains(&raw(descs, self.tx_next), self.tx_next);
+        self.tx
+            .add_desc_chains(&raw(descs, self.tx_next), self.tx_next);
         self.tx_next += descs.len() as u16;
         self.kicks[1].write(1).unwrap();
     }

@@ -58,7 +58,10 @@ fn bytes_flow_both_ways_and_fwd_cnt_counts_what_reached_the_host() {
     client.write_all(b"ping from the host").unwrap();
     guest.post_rx(1);
     let (data, payload) = guest.recv();
-    assert_eq!((data.op, data.src_port, data.dst_port), (OP_RW, local, 1024));
+    assert_eq!(
+        (data.op, data.src_port, data.dst_port),
+        (OP_RW, local, 1024)
+    );
     assert_eq!(payload, b"ping from the host");
     guest.send(guest_header(1024, local, OP_RW), b"pong from the guest");
     assert_eq!(read_exactly(&mut client, 19), b"pong from the guest");
@@ -220,8 +223,14 @@ fn a_guest_that_never_answers_gets_its_client_closed_in_time() {
     let start = Instant::now();
     assert_eq!(read_line(&mut client), "");
     let waited = start.elapsed();
-    assert!(waited >= CONNECT_TIMEOUT - Duration::from_millis(100), "{waited:?}");
-    assert!(waited < CONNECT_TIMEOUT + Duration::from_secs(1), "{waited:?}");
+    assert!(
+        waited >= CONNECT_TIMEOUT - Duration::from_millis(100),
+        "{waited:?}"
+    );
+    assert!(
+        waited < CONNECT_TIMEOUT + Duration::from_secs(1),
+        "{waited:?}"
+    );
     assert_eq!(dev.counter("host_connect_failures"), 1);
 }
 
@@ -229,7 +238,9 @@ fn a_guest_that_never_answers_gets_its_client_closed_in_time() {
 fn a_bad_connect_line_closes_the_client() {
     let dev = test_device();
     let mut client = UnixStream::connect(&dev.socket).unwrap();
-    client.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
     client.write_all(b"HELLO 1024\n").unwrap();
     let start = Instant::now();
     assert_eq!(read_line(&mut client), "");
@@ -370,9 +381,15 @@ fn pending_resets_pause_the_transmit_queue_instead_of_growing() {
     for port in 0..total {
         guest.send(guest_header(30000 + u32::from(port), 9, OP_RW), &[]);
     }
-    wait_until("the queue to stall", || guest.tx_used() >= MAX_RESETS as u16);
+    wait_until("the queue to stall", || {
+        guest.tx_used() >= MAX_RESETS as u16
+    });
     std::thread::sleep(Duration::from_millis(50));
-    assert_eq!(guest.tx_used(), MAX_RESETS as u16, "took packets past the cap");
+    assert_eq!(
+        guest.tx_used(),
+        MAX_RESETS as u16,
+        "took packets past the cap"
+    );
     guest.post_rx(total as usize);
     wait_until("every packet taken", || guest.tx_used() == total);
     for _ in 0..total {

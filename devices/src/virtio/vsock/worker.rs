@@ -190,7 +190,12 @@ impl Worker {
         for (part, token) in parts {
             let event = EpollEvent::new(EventSet::IN, token);
             let fd = part.evt.as_raw_fd();
-            if self.muxer.epoll().ctl(ControlOperation::Add, fd, event).is_err() {
+            if self
+                .muxer
+                .epoll()
+                .ctl(ControlOperation::Add, fd, event)
+                .is_err()
+            {
                 active.interrupt.set_needs_reset();
             }
         }
