@@ -144,6 +144,14 @@ struct VmArgs {
     /// path=PATH); without --kernel, wait for vm.create and vm.boot.
     #[arg(long, value_name = "PATH|path=PATH")]
     api_socket: Option<String>,
+    /// cloud-hypervisor's verbosity (repeatable): zvmm prints the options
+    /// it recorded.
+    #[arg(short = 'v', action = clap::ArgAction::Count)]
+    verbose: u8,
+    /// cloud-hypervisor's seccomp mode: true, false or log. Recorded; zvmm
+    /// installs no seccomp filter yet.
+    #[arg(long, value_name = "true|false|log", value_parser = ["true", "false", "log"])]
+    seccomp: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -215,7 +223,7 @@ impl VmArgs {
         let fs: Vec<config::FsConfig> = self
             .fs
             .iter()
-            .map(|share| config::parse_fs(share))
+            .map(|share| config::parse_fs(&vmm::api::compat::cli_option("fs", share)?))
             .collect::<Result<_, _>>()?;
         if !fs.is_empty() && config::shared_memory_given(&self.memory)? == Some(false) {
             return Err(ConfigError::Invalid(
@@ -227,9 +235,10 @@ impl VmArgs {
         } else {
             "console=ttyS0"
         };
+        let ch = vmm::api::compat::cli_option;
         let config = VmConfig {
-            cpus: config::parse_cpus(&self.cpus)?,
-            memory: config::parse_memory(&self.memory)?,
+            cpus: config::parse_cpus(&ch("cpus", &self.cpus)?)?,
+            memory: config::parse_memory(&ch("memory", &self.memory)?)?,
             payload: PayloadConfig {
                 kernel: self.kernel,
                 cmdline: Some(self.cmdline.unwrap_or_else(|| default_cmdline.into())),
@@ -252,13 +261,13 @@ impl VmArgs {
             disks: self
                 .disk
                 .iter()
-                .map(|disk| config::parse_disk(disk))
+                .map(|disk| config::parse_disk(&ch("disk", disk)?))
                 .collect::<Result<_, _>>()?,
             pit: config::parse_pit(&self.pit)?,
             net: self
                 .net
                 .iter()
-                .map(|net| config::parse_net(net))
+                .map(|net| config::parse_net(&ch("net", net)?))
                 .collect::<Result<_, _>>()?,
             fs,
             virtiofsd: self.virtiofsd,
@@ -267,15 +276,46 @@ impl VmArgs {
                 .as_deref()
                 .map(vmm::cloud_init::parse_cloud_init)
                 .transpose()?,
+            platform: config::PlatformConfig::default(),
         };
         config.validate()?;
         Ok(config)
     }
 }
 
+/// The name zvmm answers to when installed or linked as cloud-hypervisor.
+const CLOUD_HYPERVISOR: &str = "cloud-hypervisor";
+
+/// Parses the command line; as `cloud-hypervisor` (argv[0]'s file name)
+/// usage and help use that name.
+fn parse_cli() -> Result<Cli, clap::Error> {
+    use clap::{CommandFactory, FromArgMatches};
+    let invoked = std::env::args_os()
+        .next()
+        .map(PathBuf::from)
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()));
+    let mut command = Cli::command();
+    if invoked.as_deref() == Some(CLOUD_HYPERVISOR) {
+        command = command.name(CLOUD_HYPERVISOR).bin_name(CLOUD_HYPERVISOR);
+    }
+    Cli::from_arg_matches(&command.try_get_matches()?)
+}
+
+/// `-v`: says what the cloud-hypervisor options zvmm records amount to.
+fn describe_recorded(vm: &VmArgs) {
+    if vm.verbose == 0 {
+        return;
+    }
+    let seccomp = vm.seccomp.as_deref().unwrap_or("true");
+    eprintln!(
+        "zvmm: -v x{}: zvmm has one log level; --seccomp {seccomp} recorded (zvmm installs no seccomp filter yet)",
+        vm.verbose
+    );
+}
+
 fn main() -> ExitCode {
     vmm::watch::process_start();
-    let cli = match Cli::try_parse() {
+    let cli = match parse_cli() {
         Ok(cli) => cli,
         Err(e) if e.use_stderr() => {
             eprintln!(
@@ -290,6 +330,7 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
     };
+    describe_recorded(&cli.vm);
     let status = match cli.command {
         Some(Command::Kernel(command)) => report(run_kernel_command(command)),
         Some(Command::CloudInit(command)) => run_cloud_init_command(command),
