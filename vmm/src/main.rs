@@ -106,8 +106,15 @@ struct VmArgs {
     /// Print the boot timeline (ms since process start) on stderr at exit.
     #[arg(long)]
     boot_timer: bool,
-    /// virtio-blk disk: `path=FILE[,readonly=on][,serial=S][,id=ID]`; repeat
-    /// the option or give several values after one --disk.
+    /// virtio-blk disk: `path=FILE[,readonly=on][,image_type=raw|qcow2]
+    /// [,serial=S][,id=ID]`; repeat the option or give several values after
+    /// one --disk. FILE is a raw or qcow2 image (its backing files opened
+    /// read-only, shared with other VMs) or a block device. The format is
+    /// detected unless image_type says it; VMDK, VHD, VHDX and other formats
+    /// are refused with the qemu-img command that converts them, an ISO 9660
+    /// image needs readonly=on. On a detected raw disk, a guest write that
+    /// would make sector 0 look like another format (qcow2, VMDK, ...) fails
+    /// with an I/O error; image_type=raw allows it.
     #[arg(long, value_name = "path=FILE[,readonly=on]", num_args = 1..)]
     disk: Vec<String>,
     /// virtio-net NIC on a host tap: `tap=NAME[,mac=MAC][,ip=A,mask=M]
