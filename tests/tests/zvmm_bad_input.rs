@@ -261,3 +261,13 @@ fn virtio_console_is_refused() {
         &["--console", "virtio-console"],
     );
 }
+
+/// A subcommand missing its arguments names them all on the one line.
+#[test]
+fn missing_arguments_are_named() {
+    check_rejected(
+        &["kernel", "extract"],
+        2,
+        &["were not provided: --output <PATH>, <BZIMAGE>"],
+    );
+}

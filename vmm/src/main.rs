@@ -385,9 +385,20 @@ fn api(mut vm: VmArgs) -> i32 {
 }
 
 /// Clap's message without its "error: " prefix and usage block.
-fn first_line(rendered: &str) -> &str {
-    let line = rendered.lines().next().unwrap_or_default();
-    line.strip_prefix("error: ").unwrap_or(line)
+fn first_line(rendered: &str) -> String {
+    let mut lines = rendered.lines();
+    let first = lines.next().unwrap_or_default();
+    let first = first.strip_prefix("error: ").unwrap_or(first);
+    if !first.ends_with(':') {
+        return first.to_string();
+    }
+    // "the following required arguments were not provided:" lists them
+    // on the indented lines after it.
+    let listed: Vec<&str> = lines
+        .take_while(|line| line.starts_with("  "))
+        .map(str::trim)
+        .collect();
+    format!("{} {}", first, listed.join(", "))
 }
 
 /// Prints an error as one line with its causes; returns the exit status.
