@@ -3,7 +3,9 @@
 # the Rust target for the probe guest, QEMU (the reference peer),
 # qemu-img (disk image tests), ACPICA (iasl validates our ACPI tables),
 # cpio (initramfs), lzop (LZO extraction tests), mtools (reads back the
-# cloud-init seeds zvmm builds), ping and ip (network tests), and virtiofsd (the
+# cloud-init seeds zvmm builds), ping and ip (network tests), Python with
+# openapi-schema-validator (REST answers against cloud-hypervisor's spec),
+# and virtiofsd (the
 # virtio-fs backend zvmm starts for --fs; built from crates.io at a pinned
 # version, with its Debian build dependencies). Idempotent.
 set -euo pipefail
@@ -15,6 +17,7 @@ command -v cpio >/dev/null || missing+=(cpio)
 command -v lzop >/dev/null || missing+=(lzop)
 command -v mtype >/dev/null || missing+=(mtools)
 { command -v ping && command -v ip; } >/dev/null || missing+=(iputils-ping iproute2)
+python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3 python3-venv)
 VIRTIOFSD_VERSION=1.14.0
 virtiofsd_bin="${CARGO_HOME:-$HOME/.cargo}/bin/virtiofsd"
 have_virtiofsd() {
@@ -39,4 +42,12 @@ done
 if ! have_virtiofsd; then
     echo "install-host-deps: cargo install virtiofsd --version $VIRTIOFSD_VERSION --locked" >&2
     cargo install --quiet virtiofsd --version "$VIRTIOFSD_VERSION" --locked
+fi
+# openapi-schema-validator (PyPI) checks the REST answers against
+# cloud-hypervisor's OpenAPI spec in the cloud-hypervisor agent tests.
+ch_api_venv="$(cd "$(dirname "$0")/.." && pwd)/target/ch-api-venv"
+if ! "$ch_api_venv/bin/python3" -c 'import openapi_schema_validator, yaml' 2>/dev/null; then
+    echo "install-host-deps: pip install openapi-schema-validator pyyaml into $ch_api_venv" >&2
+    python3 -m venv "$ch_api_venv"
+    "$ch_api_venv/bin/pip" install --quiet openapi-schema-validator==0.9.0 pyyaml
 fi

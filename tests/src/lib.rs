@@ -2,6 +2,7 @@
 pub mod api;
 pub mod assets;
 pub mod bench;
+pub mod ch;
 pub mod container;
 pub mod disk;
 pub mod fs;
