@@ -2,7 +2,8 @@
 # Installs what building and testing zvmm needs on a Debian/Ubuntu host:
 # the Rust target for the probe guest, QEMU (the reference peer),
 # qemu-img (disk image tests), ACPICA (iasl validates our ACPI tables),
-# cpio (initramfs), lzop (LZO extraction tests), mtools (reads back the
+# cpio (initramfs), lzop (LZO extraction tests), sfdisk (partitioned
+# images for zvmm image info), mtools (reads back the
 # cloud-init seeds zvmm builds), ping and ip (network tests), Python with
 # openapi-schema-validator (REST answers against cloud-hypervisor's spec),
 # and virtiofsd (the
@@ -15,6 +16,7 @@ command -v qemu-img >/dev/null || missing+=(qemu-utils)
 command -v iasl >/dev/null || missing+=(acpica-tools)
 command -v cpio >/dev/null || missing+=(cpio)
 command -v lzop >/dev/null || missing+=(lzop)
+command -v sfdisk >/dev/null || missing+=(fdisk)
 command -v mtype >/dev/null || missing+=(mtools)
 { command -v ping && command -v ip; } >/dev/null || missing+=(iputils-ping iproute2)
 python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3 python3-venv)

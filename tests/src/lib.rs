@@ -6,6 +6,7 @@ pub mod ch;
 pub mod container;
 pub mod disk;
 pub mod fs;
+pub mod image_tools;
 pub mod images;
 pub mod net;
 pub mod probe;

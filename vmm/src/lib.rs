@@ -11,6 +11,7 @@ pub mod control;
 pub mod cpuid;
 pub mod fs;
 pub mod handle;
+pub mod image;
 pub mod interrupts;
 pub mod kernel_time;
 pub mod lifecycle;

@@ -39,6 +39,7 @@ Examples:
   zvmm --kernel vmlinux --timeout 60 --expect 'Run /init' --fail-on 'Kernel panic' --boot-timer
   zvmm kernel inspect bzImage
   zvmm kernel extract bzImage -o vmlinux
+  zvmm image copy image.qcow2 /dev/vdb --size 20G --force
   zvmm --kernel vmlinux --disk path=root.raw --cloud-init user-data=user.yaml --memory 1G
   zvmm cloud-init build user-data=user.yaml meta-data=meta.yaml -o seed.img";
 
@@ -166,6 +167,9 @@ enum Command {
     /// Tools for kernel images.
     #[command(subcommand)]
     Kernel(KernelCommand),
+    /// Disk images: info, create, copy, grow, convert (raw and qcow2, holes kept).
+    #[command(subcommand)]
+    Image(vmm::image::ImageCommand),
     /// cloud-init NoCloud seeds.
     #[command(subcommand)]
     CloudInit(CloudInitCommand),
@@ -340,6 +344,7 @@ fn main() -> ExitCode {
     describe_recorded(&cli.vm);
     let status = match cli.command {
         Some(Command::Kernel(command)) => report(run_kernel_command(command)),
+        Some(Command::Image(command)) => vmm::image::cli::run(command),
         Some(Command::CloudInit(command)) => run_cloud_init_command(command),
         None if cli.vm.api_socket.is_some() => api(cli.vm),
         None => match cli.vm.into_config() {
