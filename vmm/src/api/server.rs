@@ -1,6 +1,6 @@
 //! The API socket's threads: one (`api-accept`) accepts connections until
 //! told to stop, one per connection (`api-conn`) reads requests with
-//! [`http::Connection`], routes them to the [`Backend`] and writes the
+//! [`Connection`], routes them to the [`Backend`] and writes the
 //! answers, keeping the connection open between requests. At most
 //! [`MAX_CONNECTIONS`] are served at once; more get a 503.
 
