@@ -865,3 +865,26 @@ fn images_in_use_are_refused_but_can_be_inspected() {
     image_ok(&[OsStr::new("copy"), p(&src), p(&dst)]);
     fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn copy_decodes_compressed_qcow2_clusters() {
+    let dir = scratch_dir("image-compressed");
+    let (raw, packed, flat) = (
+        dir.join("a.raw"),
+        dir.join("packed.qcow2"),
+        dir.join("flat.raw"),
+    );
+    sparse_gib(&raw);
+    let d = |path: &Path| path.display().to_string();
+    qemu_img(["convert", "-q", "-c", "-O", "qcow2", &d(&raw), &d(&packed)]);
+    let run = image_ok(&[OsStr::new("copy"), p(&packed), p(&flat)]);
+    log_sizes("copy compressed qcow2", &packed, &flat);
+    assert!(
+        run.stderr.contains("3 MiB of data written"),
+        "{}",
+        run.stderr
+    );
+    assert!(qemu_compare(&raw, &flat), "contents differ");
+    assert!(allocated(&flat) <= 3 * MIB + SLACK);
+    fs::remove_dir_all(dir).unwrap();
+}

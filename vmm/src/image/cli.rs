@@ -264,11 +264,14 @@ fn describe_transfer(src: &Path, dst: &Path, done: &Transferred) -> String {
     } else {
         format!("{} of holes kept", human(left_out))
     };
+    let allocated = done
+        .source_allocated
+        .map(|bytes| format!(", {} allocated", human(bytes)))
+        .unwrap_or_default();
     format!(
-        "{} ({source_format}, {}, {} allocated{chain}) to {target}: {} of data written, {holes}",
+        "{} ({source_format}, {}{allocated}{chain}) to {target}: {} of data written, {holes}",
         src.display(),
         human(done.source_size),
-        human(done.source_allocated),
         human(counts.data)
     )
 }

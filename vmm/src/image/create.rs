@@ -239,7 +239,6 @@ pub fn grow(path: &Path, size: NewSize) -> Result<Grown, ImageError> {
         NewSize::To(size) => size,
         NewSize::By(more) => old.saturating_add(more),
     };
-    let new = check_size(new)?;
     if new < old {
         return Err(ImageError::Shrink {
             path: path.to_path_buf(),
@@ -247,6 +246,7 @@ pub fn grow(path: &Path, size: NewSize) -> Result<Grown, ImageError> {
             what: "grow",
         });
     }
+    let new = check_size(new)?;
     let allocated_before = allocated(path, locked.file())?;
     if new > old {
         resize(path, locked.file(), &info, new)?;

@@ -2,7 +2,7 @@
 //! device, optionally growing it) and `zvmm image convert` (between raw
 //! and qcow2), both keeping holes as holes.
 //!
-//! The source is walked piece by piece ([`Source::piece_at`]): holes (and
+//! The source is walked piece by piece (`Source::piece_at`): holes (and
 //! unallocated or zero qcow2 clusters) are skipped in a new file, which
 //! starts as one hole of the full size; data stored in a host file is
 //! copied by the kernel (`copy_file_range`) into a raw file, else read and
@@ -19,6 +19,7 @@
 use std::fs::File;
 use std::io;
 use std::ops::Range;
+use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -71,8 +72,9 @@ pub struct Transferred {
     pub source_format: ImageFormat,
     /// The source's guest-visible size.
     pub source_size: u64,
-    /// Bytes the source file occupies (the top file of a qcow2 chain).
-    pub source_allocated: u64,
+    /// Bytes the source file occupies (the top file of a qcow2 chain;
+    /// `None` for a block device).
+    pub source_allocated: Option<u64>,
     /// The backing files read below a qcow2 source.
     pub backing_chain: Vec<PathBuf>,
     /// The destination's format.
@@ -157,7 +159,8 @@ fn run(
     let mut report = Transferred {
         source_format: source.format(),
         source_size: source.size(),
-        source_allocated: sparse::allocated_bytes(source.metadata()),
+        source_allocated: (!source.metadata().file_type().is_block_device())
+            .then(|| sparse::allocated_bytes(source.metadata())),
         backing_chain: source.backing_chain(),
         target_format: format,
         size,
