@@ -116,6 +116,8 @@ pub struct Qcow2Header {
     pub crypt_method: u32,
     /// The image keeps its data in an external file.
     pub external_data_file: bool,
+    /// The incompatible feature bits (v3; 0 on v2).
+    pub incompatible_features: u64,
     /// Internal snapshots.
     pub snapshots: u32,
 }
@@ -376,6 +378,7 @@ fn read_qcow2(file: &File, head: &[u8], info: &mut ImageInfo) -> io::Result<()> 
         size: be_u64(head, 24),
         crypt_method: be_u32(head, 32),
         external_data_file: incompatible & QCOW2_INCOMPAT_DATA_FILE != 0,
+        incompatible_features: incompatible,
         snapshots: be_u32(head, 60),
     };
     let (name_offset, name_len) = (be_u64(head, 8), be_u32(head, 16));

@@ -74,6 +74,16 @@ pub enum Qcow2Error {
         /// The image path.
         path: PathBuf,
     },
+    /// An incompatible feature imago cannot handle.
+    #[error("qcow2 image {} {what}; {fix}", .path.display())]
+    Feature {
+        /// The image path.
+        path: PathBuf,
+        /// What the feature bit says about the image.
+        what: &'static str,
+        /// The command that makes it usable.
+        fix: String,
+    },
     /// The virtual size is not a whole number of sectors.
     #[error("qcow2 image {} has a virtual size of {size} bytes, not a multiple of 512; fix it with `qemu-img resize {} {}`", .path.display(), .path.display(), .size.div_ceil(SECTOR_SIZE) * SECTOR_SIZE)]
     Unaligned {
@@ -290,6 +300,13 @@ fn check_header<'i>(
             path: path.to_path_buf(),
         });
     }
+    if let Some((what, fix)) = unsupported_feature(path, header.incompatible_features) {
+        return Err(Qcow2Error::Feature {
+            path: path.to_path_buf(),
+            what,
+            fix,
+        });
+    }
     if !header.size.is_multiple_of(SECTOR_SIZE) {
         return Err(Qcow2Error::Unaligned {
             path: path.to_path_buf(),
@@ -297,6 +314,37 @@ fn check_header<'i>(
         });
     }
     Ok(header)
+}
+
+/// The first incompatible feature bit imago refuses, as (what it means,
+/// the command that fixes the image).
+fn unsupported_feature(path: &Path, bits: u64) -> Option<(&'static str, String)> {
+    let shown = path.display();
+    let repair = || format!("repair it with `qemu-img check -r all {shown}`");
+    let convert = || {
+        format!(
+            "convert it with `qemu-img convert -O qcow2 -o compression_type=zlib,extended_l2=off \
+             {shown} NEW` and attach NEW"
+        )
+    };
+    let features: [(u32, &'static str, &dyn Fn() -> String); 4] = [
+        (0, "was not closed cleanly (dirty, lazy refcounts)", &repair),
+        (1, "is marked corrupt", &repair),
+        (
+            3,
+            "uses zstd-compressed clusters, which zvmm's qcow2 driver (imago) cannot read",
+            &convert,
+        ),
+        (
+            4,
+            "uses extended L2 entries (subclusters), which zvmm's qcow2 driver (imago) cannot read",
+            &convert,
+        ),
+    ];
+    features
+        .iter()
+        .find(|(bit, _, _)| bits & (1 << bit) != 0)
+        .map(|(_, what, fix)| (*what, fix()))
 }
 
 /// Opens the qcow2 image in `locked` through imago with `backing` below it.

@@ -389,6 +389,49 @@ fn broken_chains_are_refused_by_name() {
 }
 
 #[test]
+fn qcow2_features_imago_lacks_are_refused_with_the_fix() {
+    let (_dir, dir) = scratch();
+    for (name, option, what) in [
+        (
+            "z.qcow2",
+            "compression_type=zstd",
+            "uses zstd-compressed clusters",
+        ),
+        ("e.qcow2", "extended_l2=on", "uses extended L2 entries"),
+    ] {
+        let path = dir.join(name);
+        create(&path, &["-o", option], Some("1M"));
+        let err = open_err(&path, false);
+        let shown = path.display();
+        assert!(
+            err.starts_with(&format!("qcow2 image {shown} {what}")),
+            "{err}"
+        );
+        assert!(
+            err.ends_with(&format!(
+                "convert it with `qemu-img convert -O qcow2 -o \
+                 compression_type=zlib,extended_l2=off {shown} NEW` and attach NEW"
+            )),
+            "{err}"
+        );
+    }
+    // A dirty image (lazy refcounts, not closed): set the bit by hand.
+    let path = dir.join("dirty.qcow2");
+    create(&path, &["-o", "lazy_refcounts=on"], Some("1M"));
+    let file = std::fs::File::options().write(true).open(&path).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&file, &1u64.to_be_bytes(), 72).unwrap();
+    assert_eq!(
+        open_err(&path, false),
+        format!(
+            "qcow2 image {} was not closed cleanly (dirty, lazy refcounts); repair it with \
+             `qemu-img check -r all {}`",
+            path.display(),
+            path.display()
+        )
+    );
+}
+
+#[test]
 fn backing_names_resolve_next_to_the_image() {
     let image = Path::new("/img/vm/o.qcow2");
     let resolve = |name| resolve_backing(image, name).map_err(|e| e.to_string());
