@@ -1,6 +1,6 @@
 //! virtio-blk on raw images, qcow2 images and block devices.
 //!
-//! - [`format`]: what an image file holds, by its magic numbers (raw,
+//! - [`format`](mod@format): what an image file holds, by its magic numbers (raw,
 //!   qcow2, VMDK, VHD, VHDX, ISO 9660, ...), its size and backing file.
 //! - [`image`]: [`DiskImage`], which format an image is served as (the
 //!   refusals, the sector-0 guard) and the one interface requests use.
