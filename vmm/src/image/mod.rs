@@ -56,6 +56,14 @@ pub enum ImageError {
     /// The path names nothing.
     #[error("{} does not exist", .0.display())]
     Missing(PathBuf),
+    /// The path is not something that holds an image.
+    #[error("{} is {what}; give an image file or a block device", .path.display())]
+    NotAnImage {
+        /// The path.
+        path: PathBuf,
+        /// "a directory", ...
+        what: &'static str,
+    },
     /// Another program holds a conflicting lock on the image.
     #[error("{} is {} by {holder}; stop it first", .path.display(), if *.writer { "open for writing" } else { "in use" })]
     InUse {

@@ -346,16 +346,45 @@ pub fn open_file(path: &Path, locking: Locking) -> Result<(File, Metadata, u64),
         Locking::Shared => LockedImage::open(path, true)
             .map_err(ImageError::from_disk)?
             .into_file(),
-        Locking::None => File::open(path).map_err(|source| match source.kind() {
-            io::ErrorKind::NotFound => ImageError::Missing(path.to_path_buf()),
-            _ => read_error(path, source),
-        })?,
+        Locking::None => open_unlocked(path)?,
     };
     let meta = file.metadata().map_err(|e| read_error(path, e))?;
+    check_kind(path, &meta)?;
     let size = (&file)
         .seek(SeekFrom::End(0))
         .map_err(|e| read_error(path, e))?;
     Ok((file, meta, size))
+}
+
+/// Opens `path` read-only without blocking (a FIFO must not hang the
+/// command; it is refused once opened).
+fn open_unlocked(path: &Path) -> Result<File, ImageError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|source| match source.kind() {
+            io::ErrorKind::NotFound => ImageError::Missing(path.to_path_buf()),
+            _ => read_error(path, source),
+        })
+}
+
+/// Only regular files and block devices hold images.
+fn check_kind(path: &Path, meta: &Metadata) -> Result<(), ImageError> {
+    use std::os::unix::fs::FileTypeExt;
+    let kind = meta.file_type();
+    let what = if kind.is_dir() {
+        "a directory"
+    } else if !kind.is_file() && !kind.is_block_device() {
+        "neither a regular file nor a block device"
+    } else {
+        return Ok(());
+    };
+    Err(ImageError::NotAnImage {
+        path: path.to_path_buf(),
+        what,
+    })
 }
 
 /// (st_dev, st_ino) of a file, (st_rdev, 0) of a block device.

@@ -175,3 +175,23 @@ fn runs_group_granules_of_one_kind() {
     assert_eq!(next_run_end(&buf, 2 * 4096, 4096, false), 4 * 4096);
     assert_eq!(next_run_end(&buf, 4 * 4096, 4096, true), 8 * 4096);
 }
+
+#[test]
+fn info_refuses_a_fifo_without_hanging() {
+    let dir = scratch("fifo");
+    let fifo = dir.join("pipe");
+    let path = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: mkfifo reads the NUL-terminated path and nothing else.
+    assert_eq!(unsafe { libc::mkfifo(path.as_ptr(), 0o600) }, 0);
+    let refused = crate::image::info::inspect(&fifo).unwrap_err();
+    assert!(
+        matches!(refused, ImageError::NotAnImage { .. }),
+        "{refused}"
+    );
+    let refused = copy(&fifo, &dir.join("out.raw"), None, false).unwrap_err();
+    assert!(
+        refused.to_string().contains("not a regular file"),
+        "{refused}"
+    );
+    fs::remove_dir_all(dir).unwrap();
+}
