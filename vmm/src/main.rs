@@ -297,7 +297,7 @@ impl VmArgs {
 /// The name zvmm answers to when installed or linked as cloud-hypervisor.
 const CLOUD_HYPERVISOR: &str = "cloud-hypervisor";
 
-/// Parses the command line; as `cloud-hypervisor` (argv[0]'s file name)
+/// Parses the command line; as `cloud-hypervisor` (the file name of `argv[0]`)
 /// usage and help use that name.
 fn parse_cli() -> Result<Cli, clap::Error> {
     use clap::{CommandFactory, FromArgMatches};
