@@ -430,6 +430,55 @@ impl MutEventSubscriber for ExitWatcher {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn received_fds_replace_the_default_host_address() {
+        let (a, _peer) = UnixStream::pair().unwrap();
+        let fds = vec![OwnedFd::from(a)];
+        let mut net = json!({"mac": "02:00:00:00:00:01", "ip": "192.168.249.1",
+                             "mask": "255.255.255.0", "num_queues": 2});
+        attach_fds(&mut net, &fds).unwrap();
+        use std::os::fd::AsRawFd;
+        assert_eq!(net["fds"], json!([fds[0].as_raw_fd()]));
+        assert!(
+            net.get("ip").is_none() && net.get("mask").is_none(),
+            "{net}"
+        );
+        let mut own = json!({"ip": "10.0.0.1"});
+        attach_fds(&mut own, &fds).unwrap();
+        assert_eq!(own["ip"], "10.0.0.1", "a chosen address is kept");
+        let mut both = json!({"tap": "t0"});
+        assert!(attach_fds(&mut both, &fds).is_err());
+        let mut numbers = json!({"fds": [3]});
+        let err = attach_fds(&mut numbers, &[]).unwrap_err().to_string();
+        assert!(err.contains("SCM_RIGHTS"), "{err}");
+    }
+
+    #[test]
+    fn devices_join_their_list_and_one_vsock_at_most() {
+        let base = json!({"payload": {"kernel": "/k"}, "disks": [{"path": "/a"}]});
+        let two = with_device(base.clone(), "disks", json!({"path": "/b"})).unwrap();
+        assert_eq!(two["disks"][1]["path"], "/b");
+        let net = with_device(base.clone(), "net", json!({"tap": "t0"})).unwrap();
+        assert_eq!(net["net"], json!([{"tap": "t0"}]));
+        let vsock = with_device(base, "vsock", json!({"cid": 3})).unwrap();
+        assert!(with_device(vsock, "vsock", json!({"cid": 4})).is_err());
+        let config: VmConfig = serde_json::from_value(two).unwrap();
+        assert_eq!(
+            new_device(&config, "disks").unwrap(),
+            NewDevice::Disk(config.disks[1].clone())
+        );
+        assert!(new_device(&config, "fs").is_err(), "no fs was added");
+    }
+
+    #[test]
+    fn fd_numbers_in_a_body_are_refused() {
+        assert!(refuse_fd_numbers(None).is_ok());
+        assert!(refuse_fd_numbers(Some(&json!([{"tap": "t0"}]))).is_ok());
+        let err = refuse_fd_numbers(Some(&json!([{"tap": "t0"}, {"fds": [3]}]))).unwrap_err();
+        assert!(err.to_string().contains("net[1].fds"), "{err}");
+    }
 
     fn scratch(name: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("zvmm-api-{name}-{}", std::process::id()));
