@@ -274,7 +274,10 @@ fn execute(chain: &Chain, mem: &GuestMemory, backend: &Backend) -> Result<u32, R
             Ok(0)
         }
         VIRTIO_BLK_T_FLUSH => {
-            expect_lengths(chain, Some(HEADER_SIZE), Some(0))?;
+            // Device-readable bytes after the header are ignored: firmware
+            // (rust-hypervisor-firmware) sends FLUSH with a stale data
+            // descriptor between header and status.
+            expect_lengths(chain, None, Some(0))?;
             if !disk.readonly() {
                 disk.flush().map_err(RequestError::Io)?;
             }
@@ -626,6 +629,20 @@ mod tests {
         let (mem, b) = (memory(), backend(&image, false));
         header(&mem, HEADER, VIRTIO_BLK_T_FLUSH, 0);
         assert_eq!(run(&mem, &b, &[r(HEADER, 16), w(STATUS, 1)]), (1, OK));
+        assert_eq!(counter(&b, "flush_requests"), 1);
+    }
+
+    #[test]
+    fn flush_ignores_a_stale_readable_data_descriptor() {
+        let image = Image::new(MIB);
+        let (mem, b) = (memory(), backend(&image, false));
+        header(&mem, HEADER, VIRTIO_BLK_T_FLUSH, 0);
+        let stale = [r(HEADER, 16), r(DATA, 512), w(STATUS, 1)];
+        assert_eq!(run(&mem, &b, &stale), (1, OK));
+        assert_eq!(counter(&b, "flush_requests"), 1);
+        // Device-writable data still has no place in a FLUSH.
+        let writable = [r(HEADER, 16), w(DATA, 512), w(STATUS, 1)];
+        assert_eq!(run(&mem, &b, &writable), (1, IOERR));
         assert_eq!(counter(&b, "flush_requests"), 1);
     }
 
