@@ -278,6 +278,22 @@ impl Qcow2Disk {
     }
 }
 
+impl Drop for Qcow2Disk {
+    /// imago flushes its caches on drop too, but only logs a failure
+    /// (through `tracing`, which zvmm does not collect); say it here.
+    fn drop(&mut self) {
+        if self.readonly {
+            return;
+        }
+        if let Err(e) = self.flush() {
+            eprintln!(
+                "zvmm: qcow2 image {}: writing its metadata out failed: {e}; check it with `qemu-img check`",
+                self.path.display()
+            );
+        }
+    }
+}
+
 /// The header checks imago would fail with a less helpful message.
 fn check_header<'i>(
     path: &Path,

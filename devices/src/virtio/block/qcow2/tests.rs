@@ -451,3 +451,96 @@ fn backing_names_resolve_next_to_the_image() {
         assert!(err.contains("is not a file name zvmm can open"), "{err}");
     }
 }
+
+#[test]
+fn absurd_table_sizes_are_refused_quickly() {
+    let (_dir, dir) = scratch();
+    let good = dir.join("good.qcow2");
+    create(&good, &[], Some("4M"));
+    // l1_size, refcount_table_clusters (u32 fields at 36 and 56).
+    for (at, value) in [(36, u32::MAX), (36, 1 << 28), (56, u32::MAX), (56, 1 << 20)] {
+        let mut bad = std::fs::read(&good).unwrap();
+        bad[at..at + 4].copy_from_slice(&value.to_be_bytes());
+        let path = dir.join("bad.qcow2");
+        std::fs::write(&path, &bad).unwrap();
+        let started = std::time::Instant::now();
+        let err = open_err(&path, false);
+        assert!(err.starts_with("cannot open qcow2 image"), "{err}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(1));
+    }
+}
+
+/// Damages 1-3 eight-byte entries of the header or the first six clusters
+/// (refcount table and block, L1, L2) of `bytes`.
+fn damage(bytes: &mut [u8], rand: &mut impl FnMut() -> u64) {
+    for _ in 0..1 + rand() % 3 {
+        let span = if rand().is_multiple_of(4) {
+            104
+        } else {
+            (6 * 65536).min(bytes.len() as u64)
+        };
+        let at = (rand() % span) as usize & !7;
+        let value = match rand() % 4 {
+            0 => rand(),
+            1 => rand() % (1 << 24),
+            2 => (rand() % 64) << 16 | (rand() & (1 << 63)),
+            _ => u64::MAX,
+        };
+        bytes[at..at + 8].copy_from_slice(&value.to_be_bytes());
+    }
+}
+
+/// Corrupted metadata (an image from an untrusted source) ends in an open
+/// error or I/O errors, never in a panic (zvmm aborts on panics).
+#[test]
+fn corrupted_metadata_never_panics() {
+    let (_dir, dir) = scratch();
+    let good = dir.join("good.qcow2");
+    create(&good, &[], Some("4M"));
+    let mem = memory();
+    {
+        let q = open(&good, false);
+        for i in 0..8u64 {
+            assert_eq!(
+                write_sectors(&mem, &q, i * 1000, &pattern(i as u8, 4096)),
+                OK
+            );
+        }
+    }
+    let bytes = std::fs::read(&good).unwrap();
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut rand = || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let (mut refused, mut failing) = (0, 0);
+    for round in 0..200 {
+        let mut bad = bytes.clone();
+        damage(&mut bad, &mut rand);
+        let path = dir.join("bad.qcow2");
+        std::fs::write(&path, &bad).unwrap();
+        let Ok(disk) = DiskImage::open(&path, false, None) else {
+            refused += 1;
+            continue;
+        };
+        let b = backend_on(disk);
+        let mut statuses = Vec::new();
+        for i in 0..8u64 {
+            statuses.push(read_sectors(&mem, &b, i * 1000, 4096).0);
+            statuses.push(write_sectors(&mem, &b, i * 1000 + 7, &[1; 512]));
+        }
+        statuses.push(flush(&mem, &b));
+        assert!(
+            statuses.iter().all(|&s| s == OK || s == IOERR),
+            "round {round}"
+        );
+        failing += usize::from(statuses.contains(&IOERR));
+    }
+    // The damage did reach the metadata.
+    assert!(
+        refused > 50 && failing > 10,
+        "{refused} refused, {failing} failing"
+    );
+}
