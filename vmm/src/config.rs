@@ -10,9 +10,13 @@ use serde::{Deserialize, Serialize};
 
 mod fs;
 mod net;
+mod rng;
+mod vsock;
 
 pub use fs::{parse_fs, FsConfig, ROOT_TAG};
 pub use net::{parse_mac, parse_net, random_mac, NetConfig, DEFAULT_NET_QUEUES, MAX_NET_QUEUES};
+pub use rng::{parse_rng, RngConfig, DEFAULT_RNG_SOURCE, RNG_ID};
+pub use vsock::{parse_vsock, VsockConfig, MAX_VSOCK_CID, MIN_VSOCK_CID};
 
 /// Largest vCPU count zvmm accepts (APIC IDs fit in 8 bits without x2APIC).
 pub const MAX_VCPUS: u8 = 254;
@@ -374,6 +378,12 @@ pub struct VmConfig {
     /// Platform-wide settings (PCI segments).
     #[serde(default)]
     pub platform: PlatformConfig,
+    /// The virtio-rng device every VM has (cloud-hypervisor's `rng`).
+    #[serde(default)]
+    pub rng: RngConfig,
+    /// A virtio-vsock device (cloud-hypervisor's `vsock`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock: Option<VsockConfig>,
 }
 
 /// One virtio-blk disk (cloud-hypervisor's `DiskConfig` subset).
@@ -456,6 +466,8 @@ impl Default for VmConfig {
             virtiofsd: None,
             cloud_init: None,
             platform: PlatformConfig::default(),
+            rng: RngConfig::default(),
+            vsock: None,
         }
     }
 }
@@ -492,6 +504,10 @@ impl VmConfig {
         self.validate_disks()?;
         net::validate_nets(&self.net)?;
         fs::validate_fs(&self.fs)?;
+        rng::validate_rng(&self.rng)?;
+        if let Some(vsock) = &self.vsock {
+            vsock::validate_vsock(vsock)?;
+        }
         if let Some(cloud_init) = &self.cloud_init {
             cloud_init.validate()?;
         }

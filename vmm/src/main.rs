@@ -143,6 +143,15 @@ struct VmArgs {
     /// read-only disk.
     #[arg(long, value_name = "user-data=FILE|dir=DIR")]
     cloud_init: Option<String>,
+    /// The entropy device's source (a character device, FIFO or regular
+    /// file) [default: src=/dev/urandom]. Every VM has this device.
+    #[arg(long, value_name = "src=PATH")]
+    rng: Option<String>,
+    /// virtio-vsock, hybrid: `cid=N,socket=PATH[,id=ID]`. Host programs
+    /// connect to PATH and send `CONNECT <port>\n` (answered `OK <port>\n`);
+    /// guest connections to host port P go to the Unix socket PATH_P.
+    #[arg(long, value_name = "cid=N,socket=PATH")]
+    vsock: Option<String>,
     /// Create KVM's in-kernel i8254 PIT (ports 0x40-0x43), for guests or
     /// firmware that program it. Off by default: zvmm's ACPI is
     /// hardware-reduced and Linux does not use a PIT there.
@@ -288,6 +297,15 @@ impl VmArgs {
                 .map(vmm::cloud_init::parse_cloud_init)
                 .transpose()?,
             platform: config::PlatformConfig::default(),
+            rng: match &self.rng {
+                Some(rng) => config::parse_rng(&ch("rng", rng)?)?,
+                None => config::RngConfig::default(),
+            },
+            vsock: self
+                .vsock
+                .as_deref()
+                .map(|vsock| config::parse_vsock(&ch("vsock", vsock)?))
+                .transpose()?,
         };
         config.validate()?;
         Ok(config)

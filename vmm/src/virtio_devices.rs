@@ -1,12 +1,16 @@
 //! This boot's virtio devices, built from the configuration in PCI slot
-//! order — disks (`--disk`), then NICs (`--net`) — and handed to the one
+//! order — disks (`--disk`), then NICs (`--net`); after the virtio-fs
+//! shares (`crate::fs`), the vsock device (`--vsock`) and the entropy
+//! device every VM has (`--rng`), last — and handed to the one
 //! generic attach path in [`crate::pci`]. Device construction (opening and
 //! locking images, sharing the NICs' taps) lives here; PCI knows nothing
 //! of device kinds.
 
 use devices::virtio::block::{Block, BlockConfig};
+use devices::virtio::rng::{Rng, RngConfig as RngDeviceConfig, RngError};
+use devices::virtio::vsock::{Vsock, VsockConfig as VsockDeviceConfig, VsockError};
 
-use crate::config::{DiskConfig, VmConfig};
+use crate::config::{DiskConfig, VmConfig, RNG_ID};
 use crate::net::{NetBackends, NetSetupError};
 use crate::pci::VirtioAttachment;
 
@@ -27,6 +31,24 @@ pub enum DeviceSetupError {
     /// A NIC could not be built.
     #[error(transparent)]
     Net(#[from] NetSetupError),
+    /// The entropy source is unusable.
+    #[error("--rng src={src}")]
+    Rng {
+        /// The source given.
+        src: String,
+        /// Why.
+        #[source]
+        source: RngError,
+    },
+    /// The vsock device could not be set up (its socket, mostly).
+    #[error("--vsock {label}")]
+    Vsock {
+        /// The device's option string.
+        label: String,
+        /// Why.
+        #[source]
+        source: VsockError,
+    },
 }
 
 /// Every virtio device of `config` for one boot, in slot order.
@@ -57,6 +79,46 @@ pub fn virtio_devices(
             device: Box::new(net),
         });
     }
+    Ok(devices)
+}
+
+/// The devices after the shares, in slot order: the vsock device, if
+/// any, then the entropy device (last, as every VM has it, so adding it
+/// moved no other device's slot).
+pub fn trailing_devices(config: &VmConfig) -> Result<Vec<VirtioAttachment>, DeviceSetupError> {
+    let mut devices = Vec::new();
+    if let Some(vsock) = &config.vsock {
+        let label = vsock.label();
+        let id = vsock.device_id();
+        let device = Vsock::new(VsockDeviceConfig {
+            id: id.clone(),
+            cid: vsock.cid,
+            socket: vsock.socket.clone(),
+        })
+        .map_err(|source| DeviceSetupError::Vsock {
+            label: label.clone(),
+            source,
+        })?;
+        devices.push(VirtioAttachment {
+            label: format!("--vsock {label}"),
+            counters_name: id,
+            device: Box::new(device),
+        });
+    }
+    let src = config.rng.src.display().to_string();
+    let rng = Rng::new(RngDeviceConfig {
+        id: RNG_ID.to_string(),
+        source: config.rng.src.clone(),
+    })
+    .map_err(|source| DeviceSetupError::Rng {
+        src: src.clone(),
+        source,
+    })?;
+    devices.push(VirtioAttachment {
+        label: format!("--rng src={src}"),
+        counters_name: RNG_ID.to_string(),
+        device: Box::new(rng),
+    });
     Ok(devices)
 }
 

@@ -42,7 +42,7 @@ use crate::platform::{create_interrupt_controllers, create_platform, IrqchipMode
 use crate::regs::{self, EntryMode};
 use crate::signals;
 use crate::vcpu::{install_kick_handler, PauseGate, Vcpu, VcpuHandle};
-use crate::virtio_devices::virtio_devices;
+use crate::virtio_devices::{trailing_devices, virtio_devices};
 use crate::watch::{compile, process_start, ConsoleWatcher, Timeline, WatchedOutput};
 use crate::writer::SharedWriter;
 
@@ -588,6 +588,7 @@ impl Machine {
         let mut devices = virtio_devices(config, nets)?;
         let (shares, fs_daemons) = start_shares(config, &ram, lifecycle)?;
         devices.extend(shares);
+        devices.extend(trailing_devices(config)?);
         let pci = create_pci(&context, devices, &mut platform.pio, &mut mmio)?;
         platform.acpi.devices.push(pci.acpi);
         let (kernel, boot_info) = load_payload(&ram, config, &platform.acpi)?;
