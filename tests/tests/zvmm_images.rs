@@ -345,3 +345,30 @@ fn a_guest_cannot_make_a_detected_raw_disk_look_like_qcow2() {
         &[&format!("cannot open qcow2 image {shown}"), "cluster size"],
     );
 }
+
+#[test]
+fn a_base_given_writable_next_to_its_overlay_is_refused() {
+    let dir = scratch_dir("images-base-twice");
+    let base = dir.join("base.qcow2");
+    create(&base, "qcow2", &[], Some("16M"));
+    let top = dir.join("top.qcow2");
+    overlay("base.qcow2", &top);
+    let (base_before, top_before) = (FileState::of(&base), FileState::of(&top));
+    let values = [
+        format!("path={}", base.display()),
+        format!("path={}", top.display()),
+    ];
+    let run = spawn_zvmm(vm_args(&values, "console=ttyS0")).finish(LIMIT);
+    let shown = base.display().to_string();
+    assert_rejected(
+        &run,
+        CONFIG,
+        &[
+            &shown,
+            "open for writing by this zvmm (pid",
+            "a backing file of one",
+        ],
+    );
+    assert_eq!(FileState::of(&base), base_before, "the base changed");
+    assert_eq!(FileState::of(&top), top_before, "the overlay changed");
+}

@@ -518,7 +518,8 @@ mod tests {
         let _first = Block::new(config(&image, false)).unwrap();
         let err = Block::new(config(&image, false)).err().unwrap();
         assert!(
-            err.to_string().contains("disk.raw is in use by pid"),
+            err.to_string()
+                .contains("disk.raw is in use by this zvmm (pid"),
             "{err}"
         );
     }

@@ -656,6 +656,11 @@ fn lock_holder(meta: &Metadata) -> Option<String> {
             let locked =
                 fs::read_to_string(fdinfo).is_ok_and(|s| s.lines().any(|l| l.starts_with("lock:")));
             if locked {
+                if pid == std::process::id() {
+                    return Some(format!(
+                        "this zvmm (pid {pid}: another disk of this VM, or a backing file of one)"
+                    ));
+                }
                 let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
                 return Some(format!("pid {pid} ({})", comm.trim()));
             }
@@ -744,10 +749,12 @@ mod tests {
         assert!(matches!(err, DiskError::Locked { .. }), "{err:?}");
         let text = err.to_string();
         assert!(text.contains(&image.path.display().to_string()), "{text}");
-        assert!(
-            text.contains(&format!("pid {} (", std::process::id())),
-            "{text}"
+        // The holder is this very process: said as such, with its pid.
+        let me = format!(
+            "in use by this zvmm (pid {}: another disk",
+            std::process::id()
         );
+        assert!(text.contains(&me), "{text}");
     }
 
     #[test]
@@ -763,7 +770,11 @@ mod tests {
         let _writer = DiskFile::open(&image.path, false).unwrap();
         let err = open_err(&image.path, true);
         assert!(matches!(err, DiskError::LockedByWriter { .. }), "{err:?}");
-        assert!(err.to_string().contains("open for writing by pid"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("open for writing by this zvmm (pid"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -208,11 +208,14 @@ fn the_overlay_is_locked_exclusive_and_the_chain_shared() {
     let reader = open_image(&base, true, None);
     // Nobody may write the base or the overlay in use.
     let err = open_err(&base, false);
-    assert!(err.contains("is in use by pid"), "{err}");
+    assert!(err.contains("is in use by this zvmm (pid"), "{err}");
     let err = open_err(&one, false);
-    assert!(err.contains("1.qcow2 is in use by pid"), "{err}");
+    assert!(err.contains("1.qcow2 is in use by this zvmm (pid"), "{err}");
     let err = open_err(&one, true);
-    assert!(err.contains("is open for writing by pid"), "{err}");
+    assert!(
+        err.contains("is open for writing by this zvmm (pid"),
+        "{err}"
+    );
     drop((first, second, reader));
     open_image(&base, false, None);
 }
