@@ -1,8 +1,9 @@
 //! `zvmm kernel inspect`: what a kernel file is and how zvmm can boot it.
 //! Recognises the same formats as the loader (reusing its header parsers),
 //! decodes what a kernel developer wants to see (boot protocol fields, ELF
-//! notes, entry points, segments, the Linux version) and ends with a
-//! verdict: the protocol zvmm would use, or why it cannot and what to do.
+//! notes, entry points, segments, the Linux version, PVH firmware such as
+//! rust-hypervisor-firmware) and ends with a verdict: the protocol zvmm
+//! would use, or why it cannot and what to do.
 
 mod display;
 
@@ -15,9 +16,9 @@ use vm_memory::ByteValued;
 
 use crate::extract::{self, Compression};
 use crate::kernel::{
-    check_elf64_x86_64, footprint_end, header_problem, hex_head, identify, parse_notes,
-    parse_setup_header, protocol_version, setup_size, BootProtocol, ElfProblem, FileKind,
-    HeaderProblem, ENTRY_64_OFFSET, XEN_ELFNOTE_PHYS32_ENTRY,
+    check_elf64_x86_64, footprint_end, header_problem, hex_head, identify, identify_firmware,
+    parse_notes, parse_setup_header, protocol_version, setup_size, BootProtocol, ElfProblem,
+    FileKind, Firmware, HeaderProblem, ENTRY_64_OFFSET, XEN_ELFNOTE_PHYS32_ENTRY,
 };
 use crate::layout::{FOUR_GIB, HIGH_RAM_START, MMIO32_START};
 
@@ -47,6 +48,8 @@ pub struct KernelReport {
     pub format: Format,
     /// The Linux version string (without the "Linux version " prefix).
     pub linux_version: Option<String>,
+    /// ELF: the firmware it is, when recognised.
+    pub firmware: Option<Firmware>,
     /// Entry points the file declares.
     pub entries: EntryPoints,
     /// ELF: the PT_LOAD segments.
@@ -75,6 +78,8 @@ pub enum Format {
     BzImage,
     /// A PE/EFI binary without a Linux boot header.
     Pe(Option<PeHeader>),
+    /// A UEFI firmware volume (OVMF.fd, CLOUDHV.fd).
+    UefiVolume,
     /// A compressed file.
     Compressed(Compression),
     /// Something else; its first bytes in hex.
@@ -206,6 +211,7 @@ fn inspect_named(bytes: &[u8], name: &str) -> KernelReport {
         size: bytes.len(),
         format: Format::Unknown(hex_head(bytes)),
         linux_version: None,
+        firmware: None,
         entries: EntryPoints::default(),
         segments: Vec::new(),
         ram_end: None,
@@ -220,6 +226,15 @@ fn inspect_named(bytes: &[u8], name: &str) -> KernelReport {
         FileKind::Elf => inspect_elf(bytes, &mut report),
         FileKind::BzImage => inspect_bzimage(bytes, &mut report),
         FileKind::Pe => inspect_pe(bytes, name, &mut report),
+        FileKind::UefiVolume => {
+            report.format = Format::UefiVolume;
+            report.verdict = Verdict::cannot(
+                "it is a UEFI firmware volume (an OVMF/EDK2 flash image such as OVMF.fd or \
+                 CLOUDHV.fd); zvmm boots PVH firmware, not UEFI flash images",
+                "pass rust-hypervisor-firmware's hypervisor-fw as --kernel (release asset of \
+                 github.com/cloud-hypervisor/rust-hypervisor-firmware)",
+            );
+        }
         FileKind::Compressed(method) => {
             report.format = Format::Compressed(method);
             report.verdict = Verdict::cannot(
@@ -250,6 +265,7 @@ fn inspect_elf(bytes: &[u8], report: &mut KernelReport) {
         return;
     }
     report.linux_version = find_linux_banner(bytes);
+    report.firmware = identify_firmware(bytes);
     let mut ehdr = Elf64_Ehdr::default();
     ehdr.as_mut_slice()
         .copy_from_slice(&bytes[..size_of::<Elf64_Ehdr>()]);
@@ -402,16 +418,27 @@ fn elf_verdict(size: u64, report: &KernelReport, has_pvh_note: bool) -> Verdict 
             "rebuild the kernel or check its linker script",
         );
     }
-    if has_pvh_note {
-        Verdict::Boots {
+    match (has_pvh_note, report.firmware) {
+        (true, Some(_)) => Verdict::Boots {
+            protocol: BootProtocol::Pvh,
+            hint: Some(
+                "attach the VM's raw disk (GPT with an EFI system partition) as the first \
+                 --disk; resources/vm-disk/build-efi-disk.sh builds one"
+                    .into(),
+            ),
+        },
+        (true, None) => Verdict::Boots {
             protocol: BootProtocol::Pvh,
             hint: None,
-        }
-    } else {
-        Verdict::Boots {
+        },
+        (false, Some(firmware)) => Verdict::cannot(
+            format!("it is {firmware} without a PVH entry note (a coreboot build?)"),
+            "use the PVH build (the hypervisor-fw release asset)",
+        ),
+        (false, None) => Verdict::Boots {
             protocol: BootProtocol::Linux64,
             hint: Some("PVH boots faster: build the kernel with CONFIG_PVH=y".into()),
-        }
+        },
     }
 }
 

@@ -12,7 +12,7 @@ use linux_loader::loader::bootparam::{
 };
 
 use super::{BzImageInfo, EntryPoints, Format, KernelReport, Note, PeHeader, Segment, Verdict};
-use crate::kernel::{protocol_version, setup_size, BootProtocol};
+use crate::kernel::{protocol_version, setup_size, BootProtocol, Firmware};
 
 /// Width of the label column, "initrd_addr_max: " included.
 const LABEL_WIDTH: usize = 18;
@@ -40,6 +40,9 @@ impl fmt::Display for KernelReport {
         if let Some(version) = &self.linux_version {
             line(f, "Linux version", version)?;
         }
+        if let Some(kind) = self.kind_text() {
+            line(f, "Kind", kind)?;
+        }
         if let Some(bzimage) = &self.bzimage {
             write_bzimage(f, bzimage)?;
         }
@@ -59,6 +62,19 @@ impl fmt::Display for KernelReport {
 }
 
 impl KernelReport {
+    /// What an ELF is beyond its format: recognised firmware, or a PVH
+    /// payload that is not Linux.
+    fn kind_text(&self) -> Option<String> {
+        if let Some(firmware) = self.firmware {
+            return Some(firmware_text(firmware).into());
+        }
+        let elf = matches!(self.format, Format::ElfPvh | Format::Elf64);
+        (elf && self.linux_version.is_none()).then(|| {
+            "not a Linux kernel (no Linux version string): firmware or another bare-metal guest"
+                .into()
+        })
+    }
+
     fn format_text(&self) -> String {
         match &self.format {
             Format::ElfPvh => "ELF64 x86-64 with a PVH entry note (Xen PHYS32_ENTRY)".into(),
@@ -75,8 +91,21 @@ impl KernelReport {
                 )
             }
             Format::Pe(None) => "MZ executable without a PE header or Linux boot header".into(),
+            Format::UefiVolume => "UEFI firmware volume (OVMF/EDK2 flash image)".into(),
             Format::Compressed(method) => format!("{method}-compressed data"),
             Format::Unknown(head) => format!("unknown (starts with {head})"),
+        }
+    }
+}
+
+/// What a recognised firmware does once entered.
+fn firmware_text(firmware: Firmware) -> &'static str {
+    match firmware {
+        Firmware::RustHypervisorFirmware => {
+            "firmware: rust-hypervisor-firmware, an EFI firmware entered through PVH\n\
+             boots the EFI system partition of the first virtio-blk disk that has one:\n\
+             /loader/entries/*.conf (boot loader spec), else \\EFI\\BOOT\\BOOTX64.EFI;\n\
+             --cmdline is put before the entry's options, --initrd is not used"
         }
     }
 }
@@ -221,10 +250,14 @@ fn flags_text(value: u16, names: &FlagNames) -> String {
 
 fn write_entries(f: &mut fmt::Formatter<'_>, entries: &EntryPoints) -> fmt::Result {
     let mut lines = Vec::new();
-    if let Some(entry) = entries.elf {
-        lines.push(format!(
+    match entries.elf {
+        Some(entry) if entries.pvh == Some(entry) => lines.push(format!(
+            "e_entry       {entry:#x} (the PVH entry again: 32-bit code, not a 64-bit entry)"
+        )),
+        Some(entry) => lines.push(format!(
             "e_entry       {entry:#x} (64-bit Linux boot protocol)"
-        ));
+        )),
+        None => {}
     }
     if let Some(entry) = entries.pvh {
         lines.push(format!(

@@ -491,3 +491,86 @@ fn truncated_and_corrupted_images_never_panic() {
         }
     }
 }
+
+/// An ELF shaped like rust-hypervisor-firmware: one segment at 1 MiB, its
+/// boot paths in the image, e_entry the 32-bit PVH entry (without the note
+/// when `pvh` is false: a coreboot build).
+fn hypervisor_fw(pvh: bool) -> Vec<u8> {
+    let mut code = CODE.to_vec();
+    code.extend_from_slice(b"/loader/entries\0/loader/loader.conf\0\\EFI\\BOOT\\BOOTX64.EFI\0");
+    let builder = ElfBuilder::new(0x10_0000).code(&code).entry(0x10_0002);
+    if pvh {
+        builder.pvh_entry(0x10_0002).build()
+    } else {
+        builder.build()
+    }
+}
+
+#[test]
+fn pvh_firmware_is_named_and_boots_via_pvh() {
+    let report = inspect_kernel(&hypervisor_fw(true));
+    assert_eq!(report.format, Format::ElfPvh);
+    assert_eq!(report.firmware, Some(Firmware::RustHypervisorFirmware));
+    assert_eq!(report.linux_version, None);
+    match &report.verdict {
+        Verdict::Boots {
+            protocol: BootProtocol::Pvh,
+            hint: Some(hint),
+        } => assert!(hint.contains("first --disk"), "{hint}"),
+        other => panic!("{other:?}"),
+    }
+    let text = report.to_string();
+    for wanted in [
+        "Kind:             firmware: rust-hypervisor-firmware, an EFI firmware entered through PVH",
+        "                  boots the EFI system partition of the first virtio-blk disk",
+        "/loader/entries/*.conf (boot loader spec), else \\EFI\\BOOT\\BOOTX64.EFI;",
+        "e_entry       0x100002 (the PVH entry again: 32-bit code, not a 64-bit entry)",
+        "Verdict:          zvmm boots this via PVH",
+        "Hint:             attach the VM's raw disk",
+    ] {
+        assert!(text.contains(wanted), "missing {wanted:?} in\n{text}");
+    }
+}
+
+#[test]
+fn firmware_without_pvh_note_is_refused() {
+    let report = inspect_kernel(&hypervisor_fw(false));
+    assert_eq!(report.firmware, Some(Firmware::RustHypervisorFirmware));
+    let (why, todo) = cannot(&report);
+    assert!(
+        why.contains("rust-hypervisor-firmware without a PVH entry note"),
+        "{why}"
+    );
+    assert!(todo.contains("hypervisor-fw release asset"), "{todo}");
+}
+
+#[test]
+fn pvh_elf_without_linux_banner_is_not_called_linux() {
+    let elf = ElfBuilder::new(0x10_0000)
+        .code(CODE)
+        .pvh_entry(0x10_0000)
+        .build();
+    let text = inspect_kernel(&elf).to_string();
+    assert!(
+        text.contains("Kind:             not a Linux kernel (no Linux version string)"),
+        "{text}"
+    );
+    let text = inspect_kernel(&vmlinux(true)).to_string();
+    assert!(!text.contains("Kind:"), "{text}");
+}
+
+#[test]
+fn uefi_firmware_volumes_are_refused_with_advice() {
+    let mut image = vec![0u8; 0x1000];
+    image[0x28..0x2c].copy_from_slice(b"_FVH");
+    let report = inspect_kernel(&image);
+    assert_eq!(report.format, Format::UefiVolume);
+    let (why, todo) = cannot(&report);
+    assert!(why.contains("UEFI firmware volume"), "{why}");
+    assert!(todo.contains("hypervisor-fw"), "{todo}");
+    let text = report.to_string();
+    assert!(
+        text.contains("Format:           UEFI firmware volume (OVMF/EDK2 flash image)"),
+        "{text}"
+    );
+}

@@ -1,6 +1,7 @@
-//! ELF64 x86_64 kernels (vmlinux, or any PVH-capable ELF): header checks
-//! with errors that name what the file is, PT_LOAD validation against guest
-//! RAM, the Xen PVH entry note, and the segment copy.
+//! ELF64 x86_64 kernels (vmlinux, or any PVH-capable ELF such as firmware):
+//! header checks with errors that name what the file is, PT_LOAD validation
+//! against guest RAM, the Xen PVH entry note, firmware recognition, and the
+//! segment copy.
 
 use std::io::{Seek, SeekFrom};
 use std::mem::size_of;
@@ -8,6 +9,7 @@ use std::mem::size_of;
 use linux_loader::elf::{Elf64_Ehdr, Elf64_Phdr, EM_386, EM_X86_64, PT_LOAD, PT_NOTE};
 use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryBackend};
 
+use super::firmware::{self, Firmware};
 use super::{
     describe_ram, in_ram, BootProtocol, KernelError, KernelFile, KernelFormat, LoadedKernel,
 };
@@ -121,10 +123,17 @@ pub(super) fn load<M: GuestMemoryBackend>(
     let ehdr = parse_header(kernel, head)?;
     let phdrs = read_program_headers(kernel, &ehdr)?;
     let segments = loadable_segments(mem, kernel, &phdrs)?;
-    let pvh_entry = find_pvh_entry(kernel, &phdrs)?;
-    let (protocol, format, entry) = match pvh_entry {
-        Some(entry) => (BootProtocol::Pvh, KernelFormat::ElfPvh, u64::from(entry)),
-        None => (BootProtocol::Linux64, KernelFormat::Elf64, ehdr.e_entry),
+    let pvh_entry = find_pvh_entry(kernel, &phdrs)?.map(u64::from);
+    let (protocol, format, entry) = match (pvh_entry, find_firmware(kernel)?) {
+        (Some(entry), Some(fw)) => (BootProtocol::Pvh, KernelFormat::PvhFirmware(fw), entry),
+        (Some(entry), None) => (BootProtocol::Pvh, KernelFormat::ElfPvh, entry),
+        (None, Some(firmware)) => {
+            return Err(KernelError::FirmwareWithoutPvh {
+                path: kernel.path.clone(),
+                firmware,
+            })
+        }
+        (None, None) => (BootProtocol::Linux64, KernelFormat::Elf64, ehdr.e_entry),
     };
     if !segments.iter().any(|s| s.contains(entry)) {
         return Err(KernelError::EntryOutsideImage {
@@ -294,6 +303,16 @@ fn find_pvh_entry(kernel: &KernelFile, phdrs: &[Elf64_Phdr]) -> Result<Option<u3
     Ok(None)
 }
 
+/// The firmware a small ELF is (a vmlinux is larger than
+/// [`firmware::SCAN_LIMIT`] and never searched).
+fn find_firmware(kernel: &KernelFile) -> Result<Option<Firmware>, KernelError> {
+    if kernel.size > firmware::SCAN_LIMIT {
+        return Ok(None);
+    }
+    let bytes = kernel.read_at(0, kernel.size as usize, "the file")?;
+    Ok(firmware::identify(&bytes))
+}
+
 /// The descriptor of the Xen `PHYS32_ENTRY` note in a note segment, if any.
 fn find_xen_entry_note(notes: &[u8]) -> Option<&[u8]> {
     parse_notes(notes)
@@ -413,6 +432,43 @@ mod tests {
         assert_eq!(kernel.format, KernelFormat::ElfPvh);
         assert_eq!(kernel.entry, GuestAddress(0x10_0004));
         assert_eq!(read_guest(&mem, 0x10_0000, CODE.len()), CODE);
+    }
+
+    /// Code bytes carrying rust-hypervisor-firmware's boot paths.
+    fn firmware_code() -> Vec<u8> {
+        let mut code = CODE.to_vec();
+        code.extend_from_slice(b"/loader/loader.conf\0\\EFI\\BOOT\\BOOTX64.EFI\0");
+        code
+    }
+
+    #[test]
+    fn pvh_firmware_boots_pvh_and_is_named() {
+        let elf = ElfBuilder::new(0x10_0000)
+            .code(&firmware_code())
+            .pvh_entry(0x10_0000)
+            .build();
+        let kernel = load_bytes(&elf).unwrap();
+        assert_eq!(kernel.protocol, BootProtocol::Pvh);
+        assert_eq!(
+            kernel.format,
+            KernelFormat::PvhFirmware(Firmware::RustHypervisorFirmware)
+        );
+        assert_eq!(kernel.entry, GuestAddress(0x10_0000));
+    }
+
+    #[test]
+    fn firmware_without_pvh_note_is_refused() {
+        let elf = ElfBuilder::new(0x10_0000).code(&firmware_code()).build();
+        let err = load_bytes(&elf).unwrap_err();
+        assert!(
+            matches!(err, KernelError::FirmwareWithoutPvh { .. }),
+            "{err:?}"
+        );
+        let msg = err.to_string();
+        assert!(
+            msg.contains("is rust-hypervisor-firmware without a PVH entry note"),
+            "{msg}"
+        );
     }
 
     #[test]

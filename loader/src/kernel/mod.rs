@@ -1,11 +1,13 @@
 //! Loading the guest kernel: recognises an ELF vmlinux (with or without a
-//! PVH entry note) or a bzImage, checks that it fits in guest RAM above the
-//! low boot area, and copies it in. Files that are neither (compressed
-//! vmlinux, PE binaries, other architectures) are refused with an error that
-//! says what the file is and what to pass instead.
+//! PVH entry note), PVH firmware ([`Firmware`]) or a bzImage, checks that it
+//! fits in guest RAM above the low boot area, and copies it in. Files that
+//! are neither (compressed vmlinux, PE binaries, UEFI firmware volumes,
+//! other architectures) are refused with an error that says what the file
+//! is and what to pass instead.
 
 mod bzimage;
 mod elf;
+mod firmware;
 #[cfg(test)]
 pub(crate) mod testimg;
 
@@ -27,6 +29,8 @@ pub(crate) use bzimage::{
 pub(crate) use elf::{
     check_elf64_x86_64, parse_notes, ElfProblem, ELF_MAGIC, XEN_ELFNOTE_PHYS32_ENTRY,
 };
+pub(crate) use firmware::identify as identify_firmware;
+pub use firmware::Firmware;
 
 /// How the boot vCPU enters the kernel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -44,6 +48,8 @@ pub enum BootProtocol {
 pub enum KernelFormat {
     /// ELF64 x86_64 image carrying a Xen `PHYS32_ENTRY` (PVH) note.
     ElfPvh,
+    /// A PVH ELF recognised as firmware (entered like [`KernelFormat::ElfPvh`]).
+    PvhFirmware(Firmware),
     /// ELF64 x86_64 image without a PVH note.
     Elf64,
     /// Linux bzImage (possibly with an EFI stub).
@@ -197,6 +203,27 @@ pub enum KernelError {
         /// The compression detected.
         method: Compression,
     },
+    /// A UEFI firmware volume (OVMF.fd, CLOUDHV.fd): not PVH firmware.
+    #[error(
+        "kernel {} is a UEFI firmware volume (an OVMF/EDK2 flash image such as OVMF.fd or \
+         CLOUDHV.fd), which zvmm cannot boot; zvmm boots PVH firmware: pass \
+         rust-hypervisor-firmware's hypervisor-fw as --kernel", .path.display()
+    )]
+    UefiFirmwareVolume {
+        /// Kernel path.
+        path: PathBuf,
+    },
+    /// Firmware built without the PVH entry note zvmm enters it through.
+    #[error(
+        "kernel {} is {firmware} without a PVH entry note (a coreboot build?); zvmm enters \
+         firmware through PVH: use the PVH build (the hypervisor-fw release asset)", .path.display()
+    )]
+    FirmwareWithoutPvh {
+        /// Kernel path.
+        path: PathBuf,
+        /// The firmware recognised.
+        firmware: Firmware,
+    },
     /// A PE/EFI binary without a Linux boot header.
     #[error(
         "{} is a PE/EFI binary but not a Linux bzImage; zvmm needs an ELF vmlinux or a bzImage \
@@ -286,6 +313,7 @@ pub(crate) enum FileKind {
     Elf,
     BzImage,
     Pe,
+    UefiVolume,
     Compressed(Compression),
     Unknown,
 }
@@ -365,6 +393,9 @@ pub fn load_kernel<M: GuestMemoryBackend>(
         FileKind::Pe => Err(KernelError::PeNotBzImage {
             path: path.to_path_buf(),
         }),
+        FileKind::UefiVolume => Err(KernelError::UefiFirmwareVolume {
+            path: path.to_path_buf(),
+        }),
         FileKind::Compressed(method) => Err(KernelError::Compressed {
             path: path.to_path_buf(),
             method,
@@ -384,6 +415,8 @@ pub(crate) fn identify(head: &[u8]) -> FileKind {
         FileKind::BzImage
     } else if head.starts_with(b"MZ") {
         FileKind::Pe
+    } else if firmware::is_uefi_volume(head) {
+        FileKind::UefiVolume
     } else if let Some(method) = Compression::from_magic(head) {
         FileKind::Compressed(method)
     } else {
@@ -502,6 +535,22 @@ mod tests {
         let err = load_kernel(&mem, file.path()).unwrap_err();
         assert!(matches!(err, KernelError::PeNotBzImage { .. }), "{err:?}");
         assert!(err.to_string().contains("zvmm kernel extract"), "{err}");
+    }
+
+    #[test]
+    fn uefi_firmware_volume_is_refused_by_name() {
+        let mem = guest_memory(TEST_RAM);
+        let mut image = vec![0u8; 0x1000];
+        image[0x28..0x2c].copy_from_slice(b"_FVH");
+        let file = TempFile::new("CLOUDHV.fd", &image);
+        let err = load_kernel(&mem, file.path()).unwrap_err();
+        assert!(
+            matches!(err, KernelError::UefiFirmwareVolume { .. }),
+            "{err:?}"
+        );
+        let msg = err.to_string();
+        assert!(msg.contains("UEFI firmware volume"), "{msg}");
+        assert!(msg.contains("hypervisor-fw"), "{msg}");
     }
 
     #[test]
