@@ -167,6 +167,18 @@ fn image_types_and_compressed_files_are_checked() {
              name any host file as its backing file; drop image_type=raw to serve it as qcow2"
         ),
     );
+    let top = dir.join("top.qcow2");
+    overlay("a.qcow2", &top);
+    let top_shown = top.display();
+    check_refused(
+        &format!("path={top_shown},backing_files=off"),
+        &top,
+        CONFIG,
+        &format!(
+            "disk image {top_shown} is a qcow2 image with the backing file 'a.qcow2', and \
+             backing_files=off; set backing_files=on to follow it (read-only, shared)"
+        ),
+    );
     let raw = dir.join("plain.img");
     make_image(&raw, SIZE, &[]);
     let raw_shown = raw.display();

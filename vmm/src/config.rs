@@ -397,6 +397,10 @@ pub struct DiskConfig {
     /// How to serve the image (`Unknown`: detect its format).
     #[serde(default)]
     pub image_type: DiskImageType,
+    /// Follow a qcow2 image's backing file (absent: yes; `false`, as
+    /// cloud-hypervisor's default, refuses an image that names one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backing_files: Option<bool>,
     /// Serial returned to VIRTIO_BLK_T_GET_ID (at most 20 bytes).
     #[serde(default)]
     pub serial: Option<String>,
@@ -754,9 +758,16 @@ pub fn shared_memory_given(input: &str) -> Result<Option<bool>, ConfigError> {
 }
 
 /// Parses one `--disk path=P[,readonly=on][,image_type=raw|qcow2]
-/// [,serial=S][,id=ID]` (a bare value is the path).
+/// [,backing_files=on|off][,serial=S][,id=ID]` (a bare value is the path).
 pub fn parse_disk(input: &str) -> Result<DiskConfig, ConfigError> {
-    let keys = ["path", "readonly", "image_type", "serial", "id"];
+    let keys = [
+        "path",
+        "readonly",
+        "image_type",
+        "backing_files",
+        "serial",
+        "id",
+    ];
     let options = OptionParser::parse("disk", &keys, input)?;
     let path = match options.get("path") {
         Some(path) if !path.is_empty() => PathBuf::from(path),
@@ -777,6 +788,7 @@ pub fn parse_disk(input: &str) -> Result<DiskConfig, ConfigError> {
         path,
         readonly: options.toggle("readonly")?.unwrap_or(false),
         image_type,
+        backing_files: options.toggle("backing_files")?,
         serial: options.get("serial").map(String::from),
         id: options.get("id").map(String::from),
     })
@@ -992,6 +1004,14 @@ mod tests {
         assert_eq!(disk.image_type, DiskImageType::Unknown);
         let text = serde_json::to_string(&disk).unwrap();
         assert!(text.contains(r#""image_type":"Unknown""#), "{text}");
+        assert!(!text.contains("backing_files"), "{text}");
+        let backing = |input: &str| parse_disk(input).map(|d| d.backing_files);
+        assert_eq!(backing("/x").unwrap(), None);
+        assert_eq!(backing("path=/x,backing_files=off").unwrap(), Some(false));
+        assert_eq!(backing("path=/x,backing_files=on").unwrap(), Some(true));
+        let json = r#"{"path":"/x","backing_files":false}"#;
+        let disk: DiskConfig = serde_json::from_str(json).unwrap();
+        assert_eq!(disk.backing_files, Some(false));
     }
 
     #[test]

@@ -108,9 +108,10 @@ struct VmArgs {
     #[arg(long)]
     boot_timer: bool,
     /// virtio-blk disk: `path=FILE[,readonly=on][,image_type=raw|qcow2]
-    /// [,serial=S][,id=ID]`; repeat the option or give several values after
-    /// one --disk. FILE is a raw or qcow2 image (its backing files opened
-    /// read-only, shared with other VMs) or a block device. The format is
+    /// [,backing_files=on|off][,serial=S][,id=ID]`; repeat the option or give
+    /// several values after one --disk. FILE is a raw or qcow2 image (its
+    /// backing files opened read-only, shared with other VMs; refused with
+    /// backing_files=off) or a block device. The format is
     /// detected unless image_type says it; VMDK, VHD, VHDX and other formats
     /// are refused with the qemu-img command that converts them, an ISO 9660
     /// image needs readonly=on. On a detected raw disk, a guest write that

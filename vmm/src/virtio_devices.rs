@@ -63,6 +63,7 @@ pub fn virtio_devices(
             path: disk.path.clone(),
             readonly: disk.readonly,
             image_type: disk.image_type.forced(),
+            backing_files: disk.backing_files,
             serial: disk.serial.clone(),
             id: disk.id.clone(),
         })?;
@@ -157,6 +158,7 @@ mod tests {
             path: path.into(),
             readonly,
             image_type: Default::default(),
+            backing_files: None,
             serial: None,
             id: None,
         }

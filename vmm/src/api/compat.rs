@@ -128,13 +128,7 @@ const RULES: &[Rule] = &[
     rule("disks.*.pci_device_id", Absent, "choosing PCI slots"),
     rule("disks.*.rate_limit_group", Absent, "rate-limit groups"),
     rule("disks.*.queue_affinity", Empty, "queue affinity"),
-    rule("disks.*.backing_files", is("false"), "qcow2 backing files"),
     rule("disks.*.sparse", is("true"), "fully allocated disks"),
-    rule(
-        "disks.*.image_type",
-        OneOf(&["\"Raw\"", "\"Unknown\""]),
-        "other image types",
-    ),
     rule(
         "disks.*.lock_granularity",
         OneOf(&["\"ByteRange\"", "\"Full\""]),
@@ -478,12 +472,6 @@ const CLI_DEFAULTS: &[(&str, &str, &[&str], &str)] = &[
     ),
     ("disk", "vhost_user", &["off", "false"], "vhost-user-blk"),
     ("disk", "sparse", &["on", "true"], "fully allocated disks"),
-    (
-        "disk",
-        "backing_files",
-        &["off", "false"],
-        "qcow2 backing files",
-    ),
     ("disk", "pci_segment", &["0"], "PCI segments other than 0"),
     (
         "disk",

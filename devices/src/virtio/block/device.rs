@@ -14,7 +14,7 @@ use virtio_queue::QueueT;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::disk::SECTOR_SIZE;
-use super::image::{DiskImage, ImageError, ImageType};
+use super::image::{DiskImage, ImageError, ImageOptions, ImageType};
 use super::request::{Backend, BlockCounters, ID_BYTES, MAX_DISCARD_SECTORS, MAX_DISCARD_SEGMENTS};
 use super::worker::Worker;
 use crate::virtio::{ActivateContext, ActivateError, VirtioDevice, VIRTIO_F_VERSION_1};
@@ -76,6 +76,10 @@ pub struct BlockConfig {
     /// Serve the image as this type; `None`: as detected (and guard
     /// sector 0 of a raw image, see [`DiskImage::guards_sector0`]).
     pub image_type: Option<ImageType>,
+    /// Follow a qcow2 image's backing file (`None`: yes; `Some(false)`:
+    /// refuse an image that names one, as cloud-hypervisor's
+    /// `backing_files=off`).
+    pub backing_files: Option<bool>,
     /// GET_ID answer (at most 20 printable ASCII bytes); default derived
     /// from the file's device and inode numbers.
     pub serial: Option<String>,
@@ -117,7 +121,12 @@ impl Block {
     /// Opens and locks the image and prepares the device.
     pub fn new(config: BlockConfig) -> Result<Block, BlockError> {
         let serial = config.serial.as_deref().map(serial_bytes).transpose()?;
-        let disk = DiskImage::open(&config.path, config.readonly, config.image_type)?;
+        let options = ImageOptions {
+            readonly: config.readonly,
+            image_type: config.image_type,
+            backing_files: config.backing_files.unwrap_or(true),
+        };
+        let disk = DiskImage::open_with(&config.path, &options)?;
         let id = config
             .id
             .clone()
@@ -356,6 +365,7 @@ mod tests {
             path: image.path.clone(),
             readonly,
             image_type: None,
+            backing_files: None,
             serial: None,
             id: Some("t0".to_string()),
         }

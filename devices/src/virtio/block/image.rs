@@ -13,7 +13,9 @@
 //! - `image_type=qcow2` → qcow2, refused on anything else;
 //! - `image_type=raw` → raw, but on a container format (qcow2, VMDK, ...)
 //!   only with `readonly=on`: a guest writing it as raw data could rewrite
-//!   the header and name any host file as its backing file.
+//!   the header and name any host file as its backing file;
+//! - `backing_files=off` (cloud-hypervisor's option, for images from an
+//!   untrusted source) → a qcow2 image that names a backing file is refused.
 //!
 //! When the format was detected rather than given, a guest write that
 //! would make sector 0 read as another format is refused
@@ -98,6 +100,14 @@ pub enum ImageError {
         /// Its size in bytes.
         size: u64,
     },
+    /// A qcow2 image with a backing file, backing files turned off.
+    #[error("disk image {} is a qcow2 image with the backing file '{backing}', and backing_files=off; set backing_files=on to follow it (read-only, shared)", .path.display())]
+    BackingFilesOff {
+        /// The image path.
+        path: PathBuf,
+        /// The backing file name in its header.
+        backing: String,
+    },
     /// `image_type=qcow2` on something else.
     #[error("disk image {} is {format}, not qcow2, but image_type=qcow2 was given{hint}", .path.display())]
     NotQcow2 {
@@ -124,14 +134,42 @@ pub struct DiskImage {
     given: Option<ImageType>,
 }
 
+/// How to open a [`DiskImage`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ImageOptions {
+    /// Read-only for the guest and on the host.
+    pub readonly: bool,
+    /// Serve as this type; `None`: as detected.
+    pub image_type: Option<ImageType>,
+    /// Follow a qcow2 image's backing file (cloud-hypervisor's
+    /// `backing_files`); when off, an image that names one is refused.
+    pub backing_files: bool,
+}
+
 impl DiskImage {
     /// Opens and locks `path`, detects its format and serves it as
-    /// `image_type` says, or as detected (see the module doc).
+    /// `image_type` says, or as detected (see the module doc), following
+    /// qcow2 backing files.
     pub fn open(
         path: &Path,
         readonly: bool,
         image_type: Option<ImageType>,
     ) -> Result<DiskImage, ImageError> {
+        let options = ImageOptions {
+            readonly,
+            image_type,
+            backing_files: true,
+        };
+        DiskImage::open_with(path, &options)
+    }
+
+    /// [`DiskImage::open`] with every option.
+    pub fn open_with(path: &Path, options: &ImageOptions) -> Result<DiskImage, ImageError> {
+        let ImageOptions {
+            readonly,
+            image_type,
+            backing_files,
+        } = *options;
         let locked = LockedImage::open(path, readonly)?;
         let info = format::detect_file(locked.file(), locked.size()).map_err(|source| {
             format::FormatError::Read {
@@ -151,7 +189,15 @@ impl DiskImage {
                 Backend::Raw(DiskFile::from_locked(locked)?)
             }
             ImageType::Raw => Backend::Raw(DiskFile::from_locked(locked)?),
-            ImageType::Qcow2 => Backend::Qcow2(Qcow2Disk::open(locked, &info)?),
+            ImageType::Qcow2 => {
+                if let Some(backing) = info.backing_file.as_ref().filter(|_| !backing_files) {
+                    return Err(ImageError::BackingFilesOff {
+                        path: path.to_path_buf(),
+                        backing: backing.clone(),
+                    });
+                }
+                Backend::Qcow2(Qcow2Disk::open(locked, &info)?)
+            }
         };
         Ok(DiskImage {
             backend,
@@ -603,6 +649,39 @@ mod tests {
             .write_all_at(b"x", 0)
             .unwrap();
         open_image(&path, false, None);
+    }
+
+    #[test]
+    fn backing_files_can_be_turned_off() {
+        let (dir, base) = scratch("base.qcow2");
+        create(&base, &["-f", "qcow2"], "1M");
+        let top = dir.path.with_file_name("top.qcow2");
+        create(
+            &top,
+            &["-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2"],
+            "1M",
+        );
+        let mut options = ImageOptions {
+            readonly: false,
+            image_type: None,
+            backing_files: false,
+        };
+        let err = DiskImage::open_with(&top, &options)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            format!(
+                "disk image {} is a qcow2 image with the backing file 'base.qcow2', and \
+                 backing_files=off; set backing_files=on to follow it (read-only, shared)",
+                top.display()
+            )
+        );
+        // An image without a backing file is served either way.
+        assert!(DiskImage::open_with(&base, &options).is_ok());
+        options.backing_files = true;
+        let served = DiskImage::open_with(&top, &options).unwrap();
+        assert_eq!(served.backing_chain(), std::slice::from_ref(&base));
     }
 
     #[test]

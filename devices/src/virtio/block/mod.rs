@@ -45,7 +45,7 @@ mod testing;
 pub use device::{Block, BlockConfig, BlockError, BLOCK_DEVICE_TYPE, QUEUE_SIZE};
 pub use disk::{DiskError, DiskFile, LockedImage, SECTOR_SIZE};
 pub use format::{detect, ImageFormat, ImageInfo};
-pub use image::{DiskImage, ImageError, ImageType};
+pub use image::{DiskImage, ImageError, ImageOptions, ImageType};
 pub use qcow2::{Qcow2Disk, Qcow2Error};
 pub use request::{BlockCounters, RequestError};
 pub use worker::WorkerError;
