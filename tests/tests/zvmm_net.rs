@@ -131,7 +131,7 @@ fn interfaces_that_are_not_usable_taps_are_refused_by_name() {
     let mut command = zvmm_in(&ns, &kernel, &["--net", "fd=5"]);
     inherit_as(&mut command, reader, 5);
     let run = run_with_limit(command, LIMIT);
-    assert_rejected(&run, 1, &["--net fd=5", "is not a tap device fd"]);
+    assert_rejected(&run, 1, &["--net fd=5", "fd 5 is not a tap device fd"]);
     assert_eq!(links(&ns), ["lo", "v0", "v1"], "nothing may be left behind");
 }
 

@@ -5,7 +5,7 @@
 //! removes it when zvmm's fds close, after a normal exit, a signal or
 //! SIGKILL alike) — and the virtio-net device built on them for each boot.
 
-use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 use devices::virtio::net::{Net, NetConfig as DeviceConfig, NetError, TapError, TapOrigin, TapSet};
 
@@ -146,7 +146,19 @@ fn open_taps(net: &NetConfig, label: &str) -> Result<TapSet, NetSetupError> {
                 .iter()
                 .map(|&fd| adopt_fd(fd, label))
                 .collect::<Result<Vec<_>, _>>()?;
-            let taps = TapSet::from_fds(owned).map_err(tap_error)?;
+            // Messages name the fds the user gave, not zvmm's duplicates.
+            let given: Vec<(RawFd, RawFd)> = owned
+                .iter()
+                .map(AsRawFd::as_raw_fd)
+                .zip(fds.iter().copied())
+                .collect();
+            let rename = |copy: RawFd| {
+                given
+                    .iter()
+                    .find(|(dup, _)| *dup == copy)
+                    .map_or(copy, |(_, original)| *original)
+            };
+            let taps = TapSet::from_fds(owned).map_err(|e| tap_error(e.renumbered(rename)))?;
             // zvmm holds duplicates now; the inherited numbers would
             // otherwise leak into every child process (no FD_CLOEXEC).
             for &fd in fds {

@@ -145,6 +145,32 @@ pub enum TapError {
     },
 }
 
+impl TapError {
+    /// The same error with its fd numbers passed through `rename` — for a
+    /// caller that checked duplicates of the fds it was handed and wants
+    /// messages to name the numbers the user gave.
+    pub fn renumbered(self, rename: impl Fn(RawFd) -> RawFd) -> TapError {
+        match self {
+            TapError::NotTapFd { fd } => TapError::NotTapFd { fd: rename(fd) },
+            TapError::TunMode { fd, name } => TapError::TunMode {
+                fd: rename(fd),
+                name,
+            },
+            TapError::MissingFlag { fd, name, flag } => TapError::MissingFlag {
+                fd: rename(fd),
+                name,
+                flag,
+            },
+            TapError::MixedFds { fd, name, other } => TapError::MixedFds {
+                fd: rename(fd),
+                name,
+                other,
+            },
+            other => other,
+        }
+    }
+}
+
 /// One queue of a tap: an fd on `/dev/net/tun`, non-blocking.
 #[derive(Debug)]
 pub(crate) struct TapQueue {
