@@ -131,7 +131,8 @@ impl Images {
 }
 
 /// Bus 0 as zvmm builds it: both mechanisms agree, host bridge in slot 0,
-/// one modern virtio-blk function per disk in the following slots.
+/// one modern virtio-blk function per disk in the following slots (the
+/// virtio-rng after them).
 fn check_pci(report: &ProbeReport, disk_count: u8, context: &str) {
     let ecam_base = line(report, "pci", "ecam=", context).num("ecam");
     assert_eq!(ecam_base, Some(layout::PCI_ECAM_START), "{context}");
@@ -152,8 +153,9 @@ fn check_pci(report: &ProbeReport, disk_count: u8, context: &str) {
         assert_eq!(f.get("device"), Some("0x1042"), "slot {slot}: {context}");
         assert_eq!(f.get("via"), Some("ecam+cf8"), "slot {slot}: {context}");
     }
+    // The host bridge, the disks and the virtio-rng every VM has.
     let functions = report.value("pci functions=");
-    assert_eq!(functions, Some(&*(disk_count + 1).to_string()), "{context}");
+    assert_eq!(functions, Some(&*(disk_count + 2).to_string()), "{context}");
     let devices = report.value("blk devices=");
     assert_eq!(devices, Some(&*disk_count.to_string()), "{context}");
 }
