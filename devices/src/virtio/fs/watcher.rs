@@ -140,9 +140,12 @@ fn watch(state: &State, on_lost: impl FnOnce(Loss)) {
                 let deadline = state.deadline();
                 if let Some((at, limit)) = *deadline {
                     if Instant::now() >= at && !state.stop.load(Ordering::Acquire) {
-                        let _ = state.socket.shutdown(Shutdown::Both);
                         drop(deadline);
-                        return on_lost(Loss::Timeout(limit));
+                        // The loss is recorded before the shutdown wakes
+                        // the waiting request, so it reads as a timeout.
+                        on_lost(Loss::Timeout(limit));
+                        let _ = state.socket.shutdown(Shutdown::Both);
+                        return;
                     }
                 }
             }
