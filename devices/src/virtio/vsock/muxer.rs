@@ -47,6 +47,9 @@ pub const MAX_CONNECTIONS: usize = 1024;
 pub const MAX_PENDING: usize = 64;
 /// Resets waiting for receive buffers past which guest packets wait.
 pub const MAX_RESETS: usize = 256;
+/// How long the listener rests after `accept` failed for want of
+/// resources (fds, memory), instead of spinning on its readiness.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// The first host port of host-initiated connections.
 const FIRST_HOST_PORT: u32 = 1 << 30;
 
@@ -69,6 +72,8 @@ pub struct Muxer {
     last_host_port: u32,
     resets: VecDeque<Key>,
     ready: VecDeque<Key>,
+    /// When the listener is watched again after a failed `accept`.
+    listener_rests: Option<Instant>,
     counters: Arc<VsockCounters>,
 }
 
@@ -93,6 +98,7 @@ impl Muxer {
             last_host_port: FIRST_HOST_PORT - 1,
             resets: VecDeque::new(),
             ready: VecDeque::new(),
+            listener_rests: None,
             counters,
         })
     }
@@ -116,7 +122,7 @@ impl Muxer {
     pub fn next_deadline(&self) -> Option<Instant> {
         let conns = self.conns.values().filter_map(|c| c.deadline);
         let pending = self.pending.values().map(|p| p.deadline);
-        conns.chain(pending).min()
+        conns.chain(pending).chain(self.listener_rests).min()
     }
 
     /// Forgets every connection (the driver reset the device); host
@@ -145,6 +151,10 @@ impl Muxer {
 
     /// Ends what is past its deadline.
     pub fn expire(&mut self, now: Instant) {
+        if self.listener_rests.is_some_and(|until| until <= now) {
+            let watched = self.watch_listener(ControlOperation::Add);
+            self.listener_rests = (!watched).then_some(now + ACCEPT_BACKOFF);
+        }
         let late: Vec<RawFd> = self
             .pending
             .iter()
@@ -174,8 +184,14 @@ impl Muxer {
             let stream = match self.socket.listener().accept() {
                 Ok((stream, _)) => stream,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                // WouldBlock: all taken; anything else: try again later.
-                Err(_) => return,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(_) => {
+                    // Out of fds or memory: the client waits in the
+                    // backlog while the listener rests.
+                    let _ = self.watch_listener(ControlOperation::Delete);
+                    self.listener_rests = Some(Instant::now() + ACCEPT_BACKOFF);
+                    return;
+                }
             };
             let full = self.pending.len() >= MAX_PENDING || self.conns.len() >= MAX_CONNECTIONS;
             if full || stream.set_nonblocking(true).is_err() {
@@ -191,6 +207,15 @@ impl Muxer {
             let deadline = Instant::now() + CONNECT_TIMEOUT;
             self.pending.insert(fd, PendingHost::new(stream, deadline));
         }
+    }
+
+    /// Adds the listener to the epoll set or takes it out; false if
+    /// epoll refused.
+    fn watch_listener(&self, op: ControlOperation) -> bool {
+        let fd = self.socket.listener().as_raw_fd();
+        self.epoll
+            .ctl(op, fd, EpollEvent::new(EventSet::IN, LISTENER_TOKEN))
+            .is_ok()
     }
 
     fn read_connect_line(&mut self, fd: RawFd) {
