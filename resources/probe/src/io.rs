@@ -17,6 +17,14 @@ pub fn outb(port: u16, value: u8) {
     unsafe { asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack)) };
 }
 
+/// Reads a 32-bit word from an I/O port.
+pub fn inl(port: u16) -> u32 {
+    let value: u32;
+    // SAFETY: port reads have no memory effects; the probe owns the machine.
+    unsafe { asm!("in eax, dx", in("dx") port, out("eax") value, options(nomem, nostack)) };
+    value
+}
+
 /// Writes a 16-bit word to an I/O port.
 pub fn outw(port: u16, value: u16) {
     // SAFETY: port writes have no memory effects visible to Rust.

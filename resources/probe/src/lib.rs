@@ -5,7 +5,8 @@
 //! bus 0 (the network test talks to the host: [`nettest`]; the file system
 //! checks run over FUSE: [`fstest`]), then powers off through
 //! ACPI like Linux does, or does the test action named by `probe.action=`
-//! ([`action`]).
+//! ([`action`]). With `probe.mode=firmware` it behaves like PVH firmware
+//! instead ([`fw`]: GPT and FAT32 on virtio-blk, no ACPI, no interrupts).
 //!
 //! The two binaries (`probe-pvh`, `probe-linux64`) differ only in their ELF
 //! entry point and whether they carry the PVH ELF note.
@@ -16,10 +17,14 @@ pub mod acpi;
 pub mod action;
 pub mod blk;
 pub mod boot;
+pub mod fat;
 pub mod fs;
 pub mod fsbench;
 pub mod fstest;
 pub mod fuse;
+pub mod fw;
+pub mod fwblk;
+pub mod gpt;
 pub mod inet;
 pub mod io;
 pub mod net;
@@ -71,6 +76,14 @@ extern "C" fn probe_main(protocol: u32, info_addr: u64) -> ! {
     let mut busy = phys::BusyRanges::new();
     if let Some((addr, size)) = boot.initrd {
         busy.add(addr, size);
+    }
+    if fw::requested(&boot) {
+        // Firmware work first (returns only on success), then what the OS
+        // it would start does: ACPI and power-off (or the test action).
+        fw::run(&boot);
+        let acpi = acpi::discover(&boot, &mut busy);
+        report!("done");
+        action::run(Action::requested(&boot), &boot, &acpi)
     }
     let acpi = acpi::discover(&boot, &mut busy);
     smp::start_aps(&acpi.cpus, &boot, &busy);

@@ -3,7 +3,7 @@
 //! input.
 
 use core::fmt::{self, Write};
-use core::sync::atomic::{AtomicBool, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 use crate::io::{inb, outb};
 
@@ -20,6 +20,8 @@ const LSR_THR_EMPTY: u8 = 0x20;
 const TX_POLL_LIMIT: u32 = 100_000;
 
 static LOCK: AtomicBool = AtomicBool::new(false);
+/// Bytes written without THRE having come up within [`TX_POLL_LIMIT`].
+static TX_STALLS: AtomicU32 = AtomicU32::new(0);
 
 /// Programs COM1 for 115200 baud, 8 data bits, no parity, 1 stop bit.
 pub fn init() {
@@ -33,13 +35,32 @@ pub fn init() {
 }
 
 fn put_byte(byte: u8) {
-    for _ in 0..TX_POLL_LIMIT {
-        if inb(COM1 + REG_LSR) & LSR_THR_EMPTY != 0 {
-            break;
-        }
+    let ready = (0..TX_POLL_LIMIT).any(|_| {
+        let empty = inb(COM1 + REG_LSR) & LSR_THR_EMPTY != 0;
         core::hint::spin_loop();
+        empty
+    });
+    if !ready {
+        TX_STALLS.fetch_add(1, Ordering::Relaxed);
     }
     outb(COM1 + REG_DATA, byte);
+}
+
+/// How many bytes went out without THRE (LSR bit 5) coming up in time.
+pub fn tx_stalls() -> u32 {
+    TX_STALLS.load(Ordering::Relaxed)
+}
+
+/// Writes raw bytes (no `probe: ` prefix, no newline), holding the lock.
+pub fn write_raw(bytes: &[u8]) {
+    while LOCK
+        .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
+        .is_err()
+    {
+        core::hint::spin_loop();
+    }
+    bytes.iter().copied().for_each(put_byte);
+    LOCK.store(false, Ordering::Release);
 }
 
 /// Waits until COM1 has received a byte and returns it.
