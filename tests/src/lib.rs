@@ -5,6 +5,7 @@ pub mod bench;
 pub mod ch;
 pub mod container;
 pub mod disk;
+pub mod efi_disk;
 pub mod fs;
 pub mod image_tools;
 pub mod images;
