@@ -4,7 +4,8 @@
 # qemu-img (disk image tests), ACPICA (iasl validates our ACPI tables),
 # cpio (initramfs), lzop (LZO extraction tests), sfdisk (partitioned
 # images for zvmm image info), mtools (reads back the
-# cloud-init seeds zvmm builds), ping and ip (network tests), Python with
+# cloud-init seeds zvmm builds), gdisk, dosfstools and e2fsprogs (the
+# EFI disks of resources/vm-disk/), ping and ip (network tests), Python with
 # openapi-schema-validator (REST answers against cloud-hypervisor's spec),
 # and virtiofsd (the
 # virtio-fs backend zvmm starts for --fs; built from crates.io at a pinned
@@ -18,6 +19,9 @@ command -v cpio >/dev/null || missing+=(cpio)
 command -v lzop >/dev/null || missing+=(lzop)
 command -v sfdisk >/dev/null || missing+=(fdisk)
 command -v mtype >/dev/null || missing+=(mtools)
+command -v sgdisk >/dev/null || missing+=(gdisk)
+command -v mkfs.fat >/dev/null || missing+=(dosfstools)
+command -v debugfs >/dev/null || missing+=(e2fsprogs)
 { command -v ping && command -v ip; } >/dev/null || missing+=(iputils-ping iproute2)
 python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3 python3-venv)
 VIRTIOFSD_VERSION=1.14.0
