@@ -114,6 +114,7 @@ pub fn start_shares(
             label: format!("--fs {label}"),
             counters_name: id,
             device: Box::new(device),
+            ioeventfds: true,
         });
     }
     Ok((attachments, daemons))

@@ -60,6 +60,11 @@ pub struct VirtioAttachment {
     pub counters_name: String,
     /// The device model.
     pub device: Box<dyn VirtioDevice>,
+    /// Whether queue kicks go through KVM ioeventfds. Registering one
+    /// makes the VM's teardown wait ~8 ms for an SRCU grace period on
+    /// this kind of host (docs/DESIGN.md), so a device whose kicks are
+    /// rare (virtio-rng) takes them as MMIO exits forwarded in software.
+    pub ioeventfds: bool,
 }
 
 /// One queue's kick eventfd and where its notify register sits in BAR 0.
@@ -183,7 +188,12 @@ fn add_virtio(
     allocator: &mut BarAllocator,
     doorbells: &mut Vec<Doorbell>,
 ) -> Result<u8, PciSetupError> {
-    let VirtioAttachment { label, device, .. } = attachment;
+    let VirtioAttachment {
+        label,
+        device,
+        ioeventfds,
+        ..
+    } = attachment;
     let router = Arc::new(KvmMsiRouter::new(context.routing.clone()));
     let function = VirtioPciDevice::new(device, context.ram.clone(), router).map_err(|source| {
         PciSetupError::Transport {
@@ -192,7 +202,12 @@ fn add_virtio(
         }
     })?;
     let mut kicks = Vec::new();
-    for (offset, _queue, eventfd) in function.notify_eventfds() {
+    let notify = if ioeventfds {
+        function.notify_eventfds()
+    } else {
+        Vec::new()
+    };
+    for (offset, _queue, eventfd) in notify {
         let eventfd = eventfd.try_clone().map_err(|e| {
             PciSetupError::IoEvent(kvm_ioctls::Error::new(
                 e.raw_os_error().unwrap_or(libc::EBADF),

@@ -71,6 +71,7 @@ pub fn virtio_devices(
             label: format!("--disk {}", disk.path.display()),
             counters_name: disk.id.clone().unwrap_or_else(|| format!("_disk{index}")),
             device: Box::new(block),
+            ioeventfds: true,
         });
     }
     for ((id, net), config) in nets.devices()?.into_iter().zip(&config.net) {
@@ -78,6 +79,7 @@ pub fn virtio_devices(
             label: format!("--net {}", config.label()),
             counters_name: id,
             device: Box::new(net),
+            ioeventfds: true,
         });
     }
     Ok(devices)
@@ -104,6 +106,7 @@ pub fn trailing_devices(config: &VmConfig) -> Result<Vec<VirtioAttachment>, Devi
             label: format!("--vsock {label}"),
             counters_name: id,
             device: Box::new(device),
+            ioeventfds: true,
         });
     }
     let src = config.rng.src.display().to_string();
@@ -119,6 +122,8 @@ pub fn trailing_devices(config: &VmConfig) -> Result<Vec<VirtioAttachment>, Devi
         label: format!("--rng src={src}"),
         counters_name: RNG_ID.to_string(),
         device: Box::new(rng),
+        // Rare kicks: no ioeventfd, so a VM pays no teardown wait for it.
+        ioeventfds: false,
     });
     Ok(devices)
 }
