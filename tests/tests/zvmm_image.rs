@@ -659,6 +659,8 @@ fn info_lists_partitions_and_labels_as_sfdisk_and_blkid_see_them() {
         &qcow2.display().to_string(),
     ]);
     for path in [&raw, &qcow2] {
+        // Settle delayed allocation first, so both reads of st_blocks agree.
+        std::fs::File::open(path).unwrap().sync_all().unwrap();
         let info = info_json(path);
         let qemu = qemu_info(path);
         assert_eq!(info["format"], qemu["format"]);
