@@ -260,9 +260,7 @@ impl Volume {
         let next = le32(&self.cache, (offset % SECTOR as u64) as usize) & CLUSTER_MASK;
         match next {
             n if n >= END_OF_CHAIN => Ok(None),
-            n if n < 2 || n - 2 >= self.clusters => {
-                Err(FwError::with("bad_cluster", u64::from(n)))
-            }
+            n if n < 2 || n - 2 >= self.clusters => Err(FwError::with("bad_cluster", u64::from(n))),
             n => Ok(Some(n)),
         }
     }

@@ -449,7 +449,11 @@ fn size_mem64(slot: u8, reg: u8, low: u32) -> Bar {
     let mask = (u64::from(high_mask) << 32) | u64::from(low_mask);
     Bar {
         addr: (u64::from(high) << 32) | u64::from(low & !0xf),
-        size: if mask == 0 { 0 } else { (!mask).wrapping_add(1) },
+        size: if mask == 0 {
+            0
+        } else {
+            (!mask).wrapping_add(1)
+        },
     }
 }
 
