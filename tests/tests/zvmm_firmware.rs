@@ -292,6 +292,23 @@ fn firmware_files_of_the_wrong_kind_are_refused_with_one_line() {
         1,
         &["CLOUDHV.fd is a UEFI firmware volume", "hypervisor-fw"],
     );
+    // Options that make no sense with firmware: it loads the initrd from
+    // the disk, and without a disk it has nothing to boot.
+    let firmware = firmware_elf(&dir, Flavour::Pvh);
+    let initrd = dir.join("initrd");
+    std::fs::write(&initrd, b"unused").unwrap();
+    let initrd_arg = initrd.display().to_string();
+    let with_initrd = run_zvmm(
+        args(&firmware, &[&disk], "5", &["--initrd", &initrd_arg]),
+        LIMIT,
+    );
+    assert_rejected(
+        &with_initrd,
+        1,
+        &["is rust-hypervisor-firmware", "drop --initrd"],
+    );
+    let no_disk = run_zvmm(args(&firmware, &[], "5", &[]), LIMIT);
+    assert_rejected(&no_disk, 1, &["boots from a disk", "add --disk"]);
     let inspect = run_zvmm(["kernel", "inspect", &cloudhv.display().to_string()], LIMIT);
     assert_eq!(inspect.code(), 1, "{inspect:#?}");
     assert!(

@@ -667,6 +667,7 @@ fn load_payload(
         .as_deref()
         .unwrap_or(std::path::Path::new(""));
     let kernel = loader::kernel::load_kernel(ram, kernel_path)?;
+    check_firmware_options(&kernel, config)?;
     let initrd = match &payload.initramfs {
         Some(path) => {
             let max_addr = kernel
@@ -691,6 +692,34 @@ fn load_payload(
     };
     let boot_info = loader::boot::configure_boot(ram, &kernel, &setup)?;
     Ok((kernel, boot_info))
+}
+
+/// PVH firmware loads the kernel and initrd from a disk itself: an
+/// `--initrd` would be ignored, and without a disk it has nothing to boot.
+fn check_firmware_options(kernel: &LoadedKernel, config: &VmConfig) -> Result<(), VmError> {
+    let loader::kernel::KernelFormat::PvhFirmware(firmware) = kernel.format else {
+        return Ok(());
+    };
+    let kernel_path = config
+        .payload
+        .kernel
+        .as_deref()
+        .unwrap_or(std::path::Path::new(""));
+    let refuse = |why: String| Err(VmError::Config(crate::config::ConfigError::Invalid(why)));
+    if let Some(initrd) = &config.payload.initramfs {
+        return refuse(format!(
+            "--kernel {} is {firmware}, which loads the kernel and initrd from the disk; drop --initrd {}",
+            kernel_path.display(),
+            initrd.display()
+        ));
+    }
+    if config.disks.is_empty() {
+        return refuse(format!(
+            "--kernel {} is {firmware}, which boots from a disk; add --disk path=IMAGE (a GPT disk with an EFI system partition)",
+            kernel_path.display()
+        ));
+    }
+    Ok(())
 }
 
 /// Creates the vCPUs with their CPUID, MSRs, FPU and LAPIC set.
