@@ -33,7 +33,8 @@ use std::time::{Duration, Instant};
 
 use zvmm_tests::api::cpu_time;
 use zvmm_tests::bench::{
-    bench_main, markdown_table, qemu_version, runs_from_env, BenchError, Summary, RUNS_VAR,
+    bench_main, host_tsc_hz, markdown_table, qemu_version, runs_from_env, tail, vcpu_time,
+    BenchError, Summary, RUNS_VAR,
 };
 use zvmm_tests::net::{
     BenchResult, NetError, NetNs, Peer, GUEST_IP, GUEST_MAC, HOST_IP, MAX_PAYLOAD,
@@ -212,27 +213,6 @@ impl CpuUse {
     }
 }
 
-/// Run time of `pid`'s vCPU threads (zvmm `vcpuN`, QEMU `CPU N/KVM`) from
-/// `/proc/PID/task/TID/schedstat` (nanoseconds on the CPU).
-fn vcpu_time(pid: u32) -> Duration {
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return Duration::ZERO;
-    };
-    let nanos: u64 = tasks
-        .flatten()
-        .filter(|task| {
-            let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
-            let comm = comm.trim_end();
-            comm.starts_with("vcpu") || comm.ends_with("/KVM")
-        })
-        .filter_map(|task| {
-            let stat = std::fs::read_to_string(task.path().join("schedstat")).ok()?;
-            stat.split_whitespace().next()?.parse::<u64>().ok()
-        })
-        .sum();
-    Duration::from_nanos(nanos)
-}
-
 /// A burst turned into figures.
 #[derive(Clone, Copy, Debug)]
 struct Sample {
@@ -321,8 +301,8 @@ fn vm_run(vmm: Vmm, kernel: &Path) -> Result<VmRun, NetBenchError> {
     let failed = |why: String| NetBenchError::Failed {
         vmm: label,
         why,
-        stdout: tail(&finished.stdout),
-        stderr: tail(&finished.stderr),
+        stdout: tail(&finished.stdout, 20),
+        stderr: tail(&finished.stderr, 20),
     };
     let bursts = bursts.map_err(failed)?;
     if !finished.status.is_some_and(|s| s.success()) {
@@ -508,20 +488,4 @@ fn case_rows(
         rows.push(row);
     }
     rows
-}
-
-/// Host TSC ticks per second: `rdtsc` against `Instant` over 200 ms.
-fn host_tsc_hz() -> f64 {
-    // SAFETY: RDTSC only reads a counter every x86_64 CPU has.
-    let rdtsc = || unsafe { core::arch::x86_64::_rdtsc() };
-    let (start, first) = (Instant::now(), rdtsc());
-    std::thread::sleep(Duration::from_millis(200));
-    let last = rdtsc();
-    last.wrapping_sub(first) as f64 / start.elapsed().as_secs_f64()
-}
-
-/// The last 20 lines of `text`.
-fn tail(text: &str) -> String {
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(20)..].join("\n")
 }

@@ -290,7 +290,7 @@ pub fn check_probe_run(
 }
 
 /// The last `lines` lines of `text`.
-fn tail(text: &str, lines: usize) -> String {
+pub fn tail(text: &str, lines: usize) -> String {
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
 }
@@ -385,6 +385,37 @@ pub fn qemu_version() -> Result<String, BenchError> {
         })?;
     let text = String::from_utf8_lossy(&output.stdout);
     Ok(text.lines().next().unwrap_or("unknown version").to_string())
+}
+
+/// Run time of `pid`'s vCPU threads (zvmm `vcpuN`, QEMU `CPU N/KVM`) from
+/// `/proc/PID/task/TID/schedstat` (nanoseconds on the CPU).
+pub fn vcpu_time(pid: u32) -> Duration {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Duration::ZERO;
+    };
+    let nanos: u64 = tasks
+        .flatten()
+        .filter(|task| {
+            let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+            let comm = comm.trim_end();
+            comm.starts_with("vcpu") || comm.ends_with("/KVM")
+        })
+        .filter_map(|task| {
+            let stat = std::fs::read_to_string(task.path().join("schedstat")).ok()?;
+            stat.split_whitespace().next()?.parse::<u64>().ok()
+        })
+        .sum();
+    Duration::from_nanos(nanos)
+}
+
+/// Host TSC ticks per second: `rdtsc` against `Instant` over 200 ms.
+pub fn host_tsc_hz() -> f64 {
+    // SAFETY: RDTSC only reads a counter every x86_64 CPU has.
+    let rdtsc = || unsafe { core::arch::x86_64::_rdtsc() };
+    let (start, first) = (Instant::now(), rdtsc());
+    std::thread::sleep(Duration::from_millis(200));
+    let last = rdtsc();
+    last.wrapping_sub(first) as f64 / start.elapsed().as_secs_f64()
 }
 
 #[cfg(test)]
