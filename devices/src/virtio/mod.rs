@@ -102,6 +102,23 @@ pub fn read_config_space(config: &[u8], offset: u64, data: &mut [u8]) {
     }
 }
 
+/// Refuses activation when a queue's rings are not usable in `mem`. The
+/// virtio-pci transport checks this before activating; devices check again
+/// because nothing else stands between them and a caller that skips it.
+pub fn check_queues(
+    device: &str,
+    queues: &[(u16, Queue, EventFd)],
+    mem: &GuestMemory,
+) -> Result<(), ActivateError> {
+    use virtio_queue::QueueT;
+    match queues.iter().find(|(_, queue, _)| !queue.is_valid(mem)) {
+        Some((index, _, _)) => Err(ActivateError::BadQueue(format!(
+            "{device} queue {index}: rings outside guest memory or misaligned"
+        ))),
+        None => Ok(()),
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod testing;
 

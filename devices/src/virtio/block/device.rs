@@ -217,6 +217,7 @@ impl VirtioDevice for Block {
             interrupt,
             queues,
         } = context;
+        crate::virtio::check_queues("virtio-blk", &queues, &mem)?;
         let count = queues.len();
         let Some((index, mut queue, queue_evt)) = queues.into_iter().next().filter(|_| count == 1)
         else {
@@ -224,11 +225,6 @@ impl VirtioDevice for Block {
                 "virtio-blk has 1 queue, the driver enabled {count}"
             )));
         };
-        if !queue.is_valid(&mem) {
-            return Err(ActivateError::BadQueue(format!(
-                "virtio-blk queue {index}: rings outside guest memory or misaligned"
-            )));
-        }
         queue.set_event_idx(self.acked_features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0);
         let stop = EventFd::new(EFD_NONBLOCK).map_err(ActivateError::Backend)?;
         let worker = Worker {

@@ -8,7 +8,6 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 
-use virtio_queue::QueueT;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::config::{
@@ -499,13 +498,9 @@ impl VirtioDevice for Fs {
 
     fn activate(&mut self, context: ActivateContext) -> Result<(), ActivateError> {
         drop(self.stop());
-        for (index, queue, _) in &context.queues {
-            if !queue.is_valid(&context.mem) {
-                self.counters.activation_failures += 1;
-                return Err(ActivateError::BadQueue(format!(
-                    "virtio-fs queue {index}: rings outside guest memory or misaligned"
-                )));
-            }
+        if let Err(e) = crate::virtio::check_queues("virtio-fs", &context.queues, &context.mem) {
+            self.counters.activation_failures += 1;
+            return Err(e);
         }
         match self.start(context) {
             Ok(active) => {

@@ -404,13 +404,7 @@ impl VirtioDevice for Net {
 
     fn activate(&mut self, context: ActivateContext) -> Result<(), ActivateError> {
         self.stop_workers();
-        for (index, queue, _) in &context.queues {
-            if !queue.is_valid(&context.mem) {
-                return Err(ActivateError::BadQueue(format!(
-                    "virtio-net queue {index}: rings outside guest memory or misaligned"
-                )));
-            }
-        }
+        crate::virtio::check_queues("virtio-net", &context.queues, &context.mem)?;
         self.start(context)
     }
 

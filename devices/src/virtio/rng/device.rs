@@ -11,7 +11,6 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use virtio_bindings::virtio_ids::VIRTIO_ID_RNG;
-use virtio_queue::QueueT;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::worker::Worker;
@@ -192,6 +191,7 @@ impl VirtioDevice for Rng {
             interrupt,
             queues,
         } = context;
+        crate::virtio::check_queues("virtio-rng", &queues, &mem)?;
         let count = queues.len();
         let Some((index, queue, queue_evt)) = queues.into_iter().next().filter(|_| count == 1)
         else {
@@ -199,11 +199,6 @@ impl VirtioDevice for Rng {
                 "virtio-rng has 1 queue, the driver enabled {count}"
             )));
         };
-        if !queue.is_valid(&mem) {
-            return Err(ActivateError::BadQueue(
-                "virtio-rng queue: rings outside guest memory or misaligned".to_string(),
-            ));
-        }
         let stop = EventFd::new(EFD_NONBLOCK).map_err(ActivateError::Backend)?;
         let worker = Worker {
             queue,

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK;
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::Queue;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::counters::VsockCounters;
@@ -152,13 +152,7 @@ impl VirtioDevice for Vsock {
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         // `le64 guest_cid` is the whole configuration space.
-        data.fill(0);
-        let config = self.cid.to_le_bytes();
-        let Some(src) = usize::try_from(offset).ok().and_then(|o| config.get(o..)) else {
-            return;
-        };
-        let n = src.len().min(data.len());
-        data[..n].copy_from_slice(&src[..n]);
+        crate::virtio::read_config_space(&self.cid.to_le_bytes(), offset, data);
     }
 
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {
@@ -171,13 +165,7 @@ impl VirtioDevice for Vsock {
             interrupt,
             mut queues,
         } = context;
-        for (index, queue, _) in &queues {
-            if !queue.is_valid(&mem) {
-                return Err(ActivateError::BadQueue(format!(
-                    "virtio-vsock queue {index}: rings outside guest memory or misaligned"
-                )));
-            }
-        }
+        crate::virtio::check_queues("virtio-vsock", &queues, &mem)?;
         let (Some(rx), Some(tx)) = (take_queue(&mut queues, 0), take_queue(&mut queues, 1)) else {
             return Err(ActivateError::BadQueue(
                 "virtio-vsock needs its rx and tx queues".to_string(),
