@@ -469,7 +469,7 @@ fn absurd_table_sizes_are_refused_quickly() {
         let started = std::time::Instant::now();
         let err = open_err(&path, false);
         assert!(err.starts_with("cannot open qcow2 image"), "{err}");
-        assert!(started.elapsed() < std::time::Duration::from_secs(1));
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
     }
 }
 
