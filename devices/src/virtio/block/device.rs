@@ -6,23 +6,37 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use virtio_bindings::virtio_blk::{
-    VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO,
-    VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_WRITE_ZEROES,
+    VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ,
+    VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_WRITE_ZEROES,
 };
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
-use virtio_queue::QueueT;
+use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::disk::SECTOR_SIZE;
 use super::image::{DiskImage, ImageError, ImageOptions, ImageType};
+use super::pool::IoPool;
 use super::request::{Backend, BlockCounters, ID_BYTES, MAX_DISCARD_SECTORS, MAX_DISCARD_SEGMENTS};
-use super::worker::Worker;
-use crate::virtio::{ActivateContext, ActivateError, VirtioDevice, VIRTIO_F_VERSION_1};
+use super::worker::{Executor, QueueShared, Worker};
+use crate::virtio::{
+    ActivateContext, ActivateError, GuestMemory, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
+};
 
 /// Virtio device ID of a block device.
 pub const BLOCK_DEVICE_TYPE: u32 = 2;
-/// Size of the request queue.
+/// Default size of each request queue.
 pub const QUEUE_SIZE: u16 = 256;
+/// Smallest queue size a disk may have (header, data and status fit
+/// without indirect descriptors).
+pub const MIN_QUEUE_SIZE: u16 = 4;
+/// Largest queue size (virtio 1.2 §2.7: at most 32768).
+pub const MAX_QUEUE_SIZE: u16 = 32768;
+/// Most queues a disk may have.
+pub const MAX_QUEUES: u16 = 64;
+/// Default number of I/O threads of a disk.
+pub const IO_THREADS: usize = 8;
+/// Most I/O threads a disk may have.
+pub const MAX_IO_THREADS: usize = 64;
 
 /// Configuration space field offsets (virtio 1.2 §5.2.4, `struct
 /// virtio_blk_config`).
@@ -47,7 +61,7 @@ pub mod offsets {
     pub const OPT_IO_SIZE: usize = 28;
     /// `u8 writeback` (meaningful with VIRTIO_BLK_F_CONFIG_WCE only).
     pub const WRITEBACK: usize = 32;
-    /// `le16 num_queues` (VIRTIO_BLK_F_MQ, not offered).
+    /// `le16 num_queues` (VIRTIO_BLK_F_MQ, offered with more than one).
     pub const NUM_QUEUES: usize = 34;
     /// `le32 max_discard_sectors` (VIRTIO_BLK_F_DISCARD).
     pub const MAX_DISCARD_SECTORS: usize = 36;
@@ -86,6 +100,15 @@ pub struct BlockConfig {
     /// Name for the worker thread (`blk-<id>`) and messages; default the
     /// file name.
     pub id: Option<String>,
+    /// Request queues (default 1; more: VIRTIO_BLK_F_MQ), at most
+    /// [`MAX_QUEUES`].
+    pub num_queues: Option<u16>,
+    /// Size of each queue (default [`QUEUE_SIZE`]): a power of two in
+    /// [`MIN_QUEUE_SIZE`]..=[`MAX_QUEUE_SIZE`].
+    pub queue_size: Option<u16>,
+    /// I/O threads serving the queues (default [`IO_THREADS`]); `0`: each
+    /// queue thread runs its requests itself, one at a time.
+    pub io_threads: Option<usize>,
 }
 
 /// A disk could not be attached.
@@ -94,6 +117,16 @@ pub enum BlockError {
     /// Opening, detecting, sizing or locking the image failed.
     #[error(transparent)]
     Image(#[from] ImageError),
+    /// `num_queues`, `queue_size` or `io_threads` out of range.
+    #[error("disk {option}={value}: {expected}")]
+    Queues {
+        /// The option.
+        option: &'static str,
+        /// The value given.
+        value: usize,
+        /// What is allowed.
+        expected: &'static str,
+    },
     /// The serial does not fit the 20-byte GET_ID answer.
     #[error("disk serial '{serial}' must be at most 20 printable ASCII characters")]
     Serial {
@@ -102,9 +135,54 @@ pub enum BlockError {
     },
 }
 
-struct Running {
+/// One running queue thread.
+struct QueueThread {
+    shared: Arc<QueueShared>,
     stop: EventFd,
     thread: JoinHandle<EventFd>,
+}
+
+/// The threads of an active device.
+struct Running {
+    queues: Vec<QueueThread>,
+    pool: Option<IoPool>,
+}
+
+/// Queue layout and I/O threads, checked.
+#[derive(Clone, Debug)]
+struct QueueLayout {
+    sizes: Vec<u16>,
+    io_threads: usize,
+}
+
+impl QueueLayout {
+    fn from_config(config: &BlockConfig) -> Result<QueueLayout, BlockError> {
+        let bad = |option, value, expected| BlockError::Queues {
+            option,
+            value,
+            expected,
+        };
+        let count = config.num_queues.unwrap_or(1);
+        if count == 0 || count > MAX_QUEUES {
+            return Err(bad("num_queues", usize::from(count), "must be 1 to 64"));
+        }
+        let size = config.queue_size.unwrap_or(QUEUE_SIZE);
+        if !size.is_power_of_two() || !(MIN_QUEUE_SIZE..=MAX_QUEUE_SIZE).contains(&size) {
+            return Err(bad(
+                "queue_size",
+                usize::from(size),
+                "must be a power of two from 4 to 32768",
+            ));
+        }
+        let io_threads = config.io_threads.unwrap_or(IO_THREADS);
+        if io_threads > MAX_IO_THREADS {
+            return Err(bad("io_threads", io_threads, "must be 0 to 64"));
+        }
+        Ok(QueueLayout {
+            sizes: vec![size; usize::from(count)],
+            io_threads,
+        })
+    }
 }
 
 /// A virtio-blk device on a raw or qcow2 image.
@@ -114,6 +192,7 @@ pub struct Block {
     avail_features: u64,
     acked_features: u64,
     config: [u8; offsets::SIZE],
+    layout: QueueLayout,
     running: Option<Running>,
 }
 
@@ -121,6 +200,7 @@ impl Block {
     /// Opens and locks the image and prepares the device.
     pub fn new(config: BlockConfig) -> Result<Block, BlockError> {
         let serial = config.serial.as_deref().map(serial_bytes).transpose()?;
+        let layout = QueueLayout::from_config(&config)?;
         let options = ImageOptions {
             readonly: config.readonly,
             image_type: config.image_type,
@@ -138,9 +218,10 @@ impl Block {
         };
         Ok(Block {
             id,
-            avail_features: features(config.readonly),
+            avail_features: features(config.readonly, layout.sizes.len() > 1),
             acked_features: 0,
-            config: config_space(&backend.disk),
+            config: config_space(&backend.disk, &layout),
+            layout,
             backend,
             running: None,
         })
@@ -166,16 +247,61 @@ impl Block {
         self.backend.id
     }
 
+    /// Stops the queue threads, waits for the requests in flight and
+    /// stops the I/O threads; returns the queue eventfds.
     fn stop_worker(&mut self) -> Vec<EventFd> {
         let Some(running) = self.running.take() else {
             return Vec::new();
         };
-        // If the write fails the thread is gone already; join reports it.
-        let _ = running.stop.write(1);
-        match running.thread.join() {
-            Ok(queue_evt) => vec![queue_evt],
-            Err(_) => Vec::new(),
+        stop_running(running)
+    }
+
+    /// Starts one queue thread per enabled queue, on an I/O pool unless
+    /// the disk has none.
+    fn start(
+        &self,
+        mem: GuestMemory,
+        interrupt: Arc<dyn VirtioInterrupt>,
+        queues: Vec<(u16, Queue, EventFd)>,
+    ) -> Result<Running, ActivateError> {
+        let name = format!("blk-{}", self.id.replace('\0', ""));
+        let pool = match self.layout.io_threads {
+            0 => None,
+            threads => Some(
+                IoPool::start(self.backend.clone(), threads, &name)
+                    .map_err(ActivateError::Backend)?,
+            ),
+        };
+        let mut running = Running {
+            queues: Vec::new(),
+            pool,
+        };
+        let event_idx = self.acked_features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
+        for (index, mut queue, queue_evt) in queues {
+            queue.set_event_idx(event_idx);
+            let shared = Arc::new(QueueShared::new(
+                (index, queue),
+                name.clone(),
+                mem.clone(),
+                interrupt.clone(),
+            ));
+            let executor = match &running.pool {
+                Some(pool) => Executor::Pool(pool.submitter()),
+                None => Executor::Inline(self.backend.clone()),
+            };
+            let thread_name = match index {
+                0 => name.clone(),
+                n => format!("{name}-q{n}"),
+            };
+            match spawn_queue(shared, queue_evt, executor, thread_name) {
+                Ok(thread) => running.queues.push(thread),
+                Err(e) => {
+                    stop_running(running);
+                    return Err(ActivateError::Backend(e));
+                }
+            }
         }
+        Ok(running)
     }
 }
 
@@ -191,7 +317,7 @@ impl VirtioDevice for Block {
     }
 
     fn queue_max_sizes(&self) -> &[u16] {
-        &[QUEUE_SIZE]
+        &self.layout.sizes
     }
 
     fn device_features(&self) -> u64 {
@@ -218,28 +344,8 @@ impl VirtioDevice for Block {
             queues,
         } = context;
         crate::virtio::check_queues("virtio-blk", &queues, &mem)?;
-        let count = queues.len();
-        let Some((index, mut queue, queue_evt)) = queues.into_iter().next().filter(|_| count == 1)
-        else {
-            return Err(ActivateError::BadQueue(format!(
-                "virtio-blk has 1 queue, the driver enabled {count}"
-            )));
-        };
-        queue.set_event_idx(self.acked_features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0);
-        let stop = EventFd::new(EFD_NONBLOCK).map_err(ActivateError::Backend)?;
-        let worker = Worker {
-            queue,
-            index,
-            queue_evt,
-            stop_evt: stop.try_clone().map_err(ActivateError::Backend)?,
-            mem,
-            interrupt,
-            backend: self.backend.clone(),
-        };
-        let thread = worker
-            .spawn(format!("blk-{}", self.id.replace('\0', "")))
-            .map_err(ActivateError::Backend)?;
-        self.running = Some(Running { stop, thread });
+        self.check_enabled(&queues)?;
+        self.running = Some(self.start(mem, interrupt, queues)?);
         Ok(())
     }
 
@@ -253,8 +359,84 @@ impl VirtioDevice for Block {
     }
 }
 
+impl Block {
+    /// The driver may enable any non-empty subset of the queues (Linux
+    /// enables one per vCPU at most), each once, none beyond the offer.
+    fn check_enabled(&self, queues: &[(u16, Queue, EventFd)]) -> Result<(), ActivateError> {
+        let offered = self.layout.sizes.len();
+        if queues.is_empty() {
+            return Err(ActivateError::BadQueue(
+                "virtio-blk: the driver enabled no queue".to_string(),
+            ));
+        }
+        let mut seen = vec![false; offered];
+        for (index, queue, _) in queues {
+            let slot = seen.get_mut(usize::from(*index));
+            match slot {
+                Some(seen) if !*seen => *seen = true,
+                _ => {
+                    return Err(ActivateError::BadQueue(format!(
+                        "virtio-blk has {offered} queues; the driver enabled queue {index} (twice or beyond them)"
+                    )))
+                }
+            }
+            if queue.size() > self.layout.sizes[usize::from(*index)] {
+                return Err(ActivateError::BadQueue(format!(
+                    "virtio-blk queue {index}: size {} above the maximum {}",
+                    queue.size(),
+                    self.layout.sizes[usize::from(*index)]
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Starts the thread serving one queue.
+fn spawn_queue(
+    shared: Arc<QueueShared>,
+    queue_evt: EventFd,
+    executor: Executor,
+    name: String,
+) -> std::io::Result<QueueThread> {
+    let stop = EventFd::new(EFD_NONBLOCK)?;
+    let worker = Worker {
+        shared: shared.clone(),
+        queue_evt,
+        stop_evt: stop.try_clone()?,
+        executor,
+    };
+    let thread = worker.spawn(name)?;
+    Ok(QueueThread {
+        shared,
+        stop,
+        thread,
+    })
+}
+
+/// Stops the queue threads, lets the requests in flight finish (nothing
+/// more reaches the used rings) and joins the I/O threads.
+fn stop_running(mut running: Running) -> Vec<EventFd> {
+    for queue in &running.queues {
+        queue.shared.request_stop();
+        // If the write fails the thread is gone already; join reports it.
+        let _ = queue.stop.write(1);
+    }
+    let mut evts = Vec::new();
+    for queue in running.queues {
+        if let Ok(evt) = queue.thread.join() {
+            evts.push(evt);
+        }
+        queue.shared.wait_idle();
+    }
+    if let Some(pool) = running.pool.as_mut() {
+        pool.stop();
+    }
+    evts
+}
+
 /// The feature offer.
-fn features(readonly: bool) -> u64 {
+fn features(readonly: bool, multiqueue: bool) -> u64 {
     let mut bits = [
         VIRTIO_F_VERSION_1,
         VIRTIO_RING_F_EVENT_IDX,
@@ -263,6 +445,9 @@ fn features(readonly: bool) -> u64 {
         VIRTIO_BLK_F_SEG_MAX,
     ]
     .to_vec();
+    if multiqueue {
+        bits.push(VIRTIO_BLK_F_MQ);
+    }
     if readonly {
         bits.push(VIRTIO_BLK_F_RO);
     } else {
@@ -276,17 +461,22 @@ fn features(readonly: bool) -> u64 {
 }
 
 /// The configuration space of `disk`.
-fn config_space(disk: &DiskImage) -> [u8; offsets::SIZE] {
+fn config_space(disk: &DiskImage, layout: &QueueLayout) -> [u8; offsets::SIZE] {
     let mut config = [0u8; offsets::SIZE];
     let mut put =
         |offset: usize, bytes: &[u8]| config[offset..offset + bytes.len()].copy_from_slice(bytes);
     let alignment = (u64::from(disk.granularity()) / SECTOR_SIZE) as u32;
     put(offsets::CAPACITY, &disk.sectors().to_le_bytes());
     // Two descriptors of a request carry the header and the status.
-    put(offsets::SEG_MAX, &u32::from(QUEUE_SIZE - 2).to_le_bytes());
+    let queue_size = layout.sizes.first().copied().unwrap_or(QUEUE_SIZE);
+    put(offsets::SEG_MAX, &u32::from(queue_size - 2).to_le_bytes());
     put(offsets::BLK_SIZE, &(SECTOR_SIZE as u32).to_le_bytes());
     put(offsets::WRITEBACK, &[u8::from(!disk.readonly())]);
-    put(offsets::NUM_QUEUES, &1u16.to_le_bytes());
+    // At most MAX_QUEUES (64), so the cast is lossless.
+    put(
+        offsets::NUM_QUEUES,
+        &(layout.sizes.len() as u16).to_le_bytes(),
+    );
     put(
         offsets::MAX_DISCARD_SECTORS,
         &MAX_DISCARD_SECTORS.to_le_bytes(),
@@ -364,6 +554,7 @@ mod tests {
             backing_files: None,
             serial: None,
             id: Some("t0".to_string()),
+            ..BlockConfig::default()
         }
     }
 

@@ -35,6 +35,7 @@ pub mod device;
 pub mod disk;
 pub mod format;
 pub mod image;
+mod pool;
 pub mod qcow2;
 pub mod request;
 mod worker;
@@ -42,7 +43,10 @@ mod worker;
 #[cfg(test)]
 mod testing;
 
-pub use device::{Block, BlockConfig, BlockError, BLOCK_DEVICE_TYPE, QUEUE_SIZE};
+pub use device::{
+    Block, BlockConfig, BlockError, BLOCK_DEVICE_TYPE, IO_THREADS, MAX_IO_THREADS, MAX_QUEUES,
+    MAX_QUEUE_SIZE, MIN_QUEUE_SIZE, QUEUE_SIZE,
+};
 pub use disk::{DiskError, DiskFile, LockedImage, SECTOR_SIZE};
 pub use format::{detect, ImageFormat, ImageInfo};
 pub use image::{DiskImage, ImageError, ImageOptions, ImageType};

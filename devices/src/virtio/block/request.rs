@@ -152,18 +152,78 @@ struct Chain {
     defect: Option<&'static str>,
 }
 
-/// Runs the request in `descriptors` (one chain) and returns its used
-/// length. Never fails: errors become the status byte.
-pub(crate) fn process<I>(descriptors: I, mem: &GuestMemory, backend: &Backend) -> u32
+/// How a request orders against others: FLUSH waits for the writes
+/// submitted before it (see `pool`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum RequestKind {
+    /// Reads nothing from and changes nothing on the disk's data, or is
+    /// malformed (completes without touching the disk).
+    Other,
+    /// IN: reads the disk.
+    Read,
+    /// OUT, DISCARD, WRITE_ZEROES: changes the disk.
+    Write,
+    /// FLUSH.
+    Flush,
+}
+
+/// A request taken off the ring, its layout collected and its header
+/// copied out of guest memory once (so the guest cannot change the type
+/// between classification and execution), ready to run on any thread.
+#[derive(Debug)]
+pub(crate) struct Prepared {
+    /// The chain and its status byte; `None` when there is no writable
+    /// byte for the status.
+    chain: Option<(Chain, GuestAddress)>,
+    /// The header, or why it could not be read.
+    header: Result<[u8; HEADER_SIZE as usize], &'static str>,
+}
+
+impl Prepared {
+    /// The ordering class of the request.
+    pub(crate) fn kind(&self) -> RequestKind {
+        match (&self.chain, &self.header) {
+            (Some((chain, _)), Ok(header)) if chain.defect.is_none() => {
+                match request_type(header) {
+                    VIRTIO_BLK_T_IN => RequestKind::Read,
+                    VIRTIO_BLK_T_OUT | VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => {
+                        RequestKind::Write
+                    }
+                    VIRTIO_BLK_T_FLUSH => RequestKind::Flush,
+                    _ => RequestKind::Other,
+                }
+            }
+            _ => RequestKind::Other,
+        }
+    }
+}
+
+/// Collects the chain in `descriptors` and reads its header.
+pub(crate) fn prepare<I>(descriptors: I, mem: &GuestMemory) -> Prepared
 where
     I: IntoIterator<Item = Descriptor>,
 {
+    let chain = collect(descriptors, mem);
+    let header = match &chain {
+        Some((chain, _)) => read_header(chain, mem),
+        None => Err("no status byte"),
+    };
+    Prepared { chain, header }
+}
+
+/// Runs a prepared request and returns its used length. Never fails:
+/// errors become the status byte.
+pub(crate) fn complete(request: &Prepared, mem: &GuestMemory, backend: &Backend) -> u32 {
     let counters = &backend.counters;
-    let Some((chain, status_addr)) = collect(descriptors, mem) else {
+    let Some((chain, status_addr)) = &request.chain else {
         bump(&counters.invalid_chains, 1);
         return 0;
     };
-    let (status, written) = match execute(&chain, mem, backend) {
+    let result = request
+        .header
+        .map_err(RequestError::Malformed)
+        .and_then(|header| execute(chain, &header, mem, backend));
+    let (status, written) = match result {
         Ok(written) => (VIRTIO_BLK_S_OK, written),
         Err(RequestError::Unsupported(_)) => {
             bump(&counters.unsupported, 1);
@@ -178,11 +238,43 @@ where
         }
     };
     // Status codes are 0..=2, so the cast is lossless.
-    if mem.write_obj(status as u8, status_addr).is_err() {
+    if mem.write_obj(status as u8, *status_addr).is_err() {
         bump(&counters.invalid_chains, 1);
         return 0;
     }
     written + 1
+}
+
+/// Runs the request in `descriptors` (one chain) and returns its used
+/// length. Never fails: errors become the status byte.
+#[cfg(test)]
+pub(crate) fn process<I>(descriptors: I, mem: &GuestMemory, backend: &Backend) -> u32
+where
+    I: IntoIterator<Item = Descriptor>,
+{
+    complete(&prepare(descriptors, mem), mem, backend)
+}
+
+/// The request type field of a header.
+fn request_type(header: &[u8; HEADER_SIZE as usize]) -> u32 {
+    u32::from_le_bytes([header[0], header[1], header[2], header[3]])
+}
+
+/// Copies the 16-byte header out of guest memory.
+fn read_header(
+    chain: &Chain,
+    mem: &GuestMemory,
+) -> Result<[u8; HEADER_SIZE as usize], &'static str> {
+    if let Some(defect) = chain.defect {
+        return Err(defect);
+    }
+    if chain.readable_len < HEADER_SIZE {
+        return Err("header shorter than 16 bytes");
+    }
+    let mut header = [0u8; HEADER_SIZE as usize];
+    copy_from_guest(mem, &chain.readable, 0, &mut header)
+        .map_err(|_| "header outside guest memory")?;
+    Ok(header)
 }
 
 /// Splits the chain into readable and writable segments and takes the
@@ -231,17 +323,14 @@ where
 }
 
 /// Runs a collected request; returns the data bytes written to the guest.
-fn execute(chain: &Chain, mem: &GuestMemory, backend: &Backend) -> Result<u32, RequestError> {
-    if let Some(defect) = chain.defect {
-        return Err(RequestError::Malformed(defect));
-    }
-    if chain.readable_len < HEADER_SIZE {
-        return Err(RequestError::Malformed("header shorter than 16 bytes"));
-    }
-    let mut header = [0u8; HEADER_SIZE as usize];
-    copy_from_guest(mem, &chain.readable, 0, &mut header)?;
-    let [t0, t1, t2, t3, _, _, _, _, s @ ..] = header;
-    let request_type = u32::from_le_bytes([t0, t1, t2, t3]);
+fn execute(
+    chain: &Chain,
+    header: &[u8; HEADER_SIZE as usize],
+    mem: &GuestMemory,
+    backend: &Backend,
+) -> Result<u32, RequestError> {
+    let [_, _, _, _, _, _, _, _, s @ ..] = *header;
+    let request_type = request_type(header);
     let sector = u64::from_le_bytes(s);
     let disk = &backend.disk;
     let counters = &backend.counters;

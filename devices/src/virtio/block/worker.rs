@@ -1,18 +1,31 @@
-//! The I/O thread of one virtio-blk disk: waits on the queue's notification
-//! eventfd and a stop eventfd, drains the available ring, runs each
-//! request synchronously and returns it on the used ring, then interrupts
-//! the driver when the queue says it wants one (EVENT_IDX aware).
+//! The queue threads of one virtio-blk disk, one per queue the driver
+//! enabled (`blk-<id>` for queue 0, `blk-<id>-q<N>` for the others): each
+//! waits on its queue's notification eventfd and a stop eventfd, takes
+//! requests off the available ring while fewer than the queue size are in
+//! flight, and either runs them itself, one batch at a time (no I/O
+//! threads: the serial service zvmm had before multiqueue), or hands them
+//! to the disk's [`IoPool`](super::pool), whose threads complete them out
+//! of order through [`QueueShared::finish`].
+//!
+//! A queue the driver broke (an available index running ahead of the
+//! queue size, rings outside guest memory) stops being served and the
+//! device asks for a reset (DEVICE_NEEDS_RESET); other queues go on.
+//! Stopping (device reset, VM teardown) waits for the requests in flight
+//! and returns nothing more to the used ring, so guest memory is not
+//! touched once the device has stopped.
 
 use std::io;
 use std::os::fd::AsRawFd;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::{self, JoinHandle};
 
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::request::{self, Backend};
+use super::pool::{lock, Submitter};
+use super::request::{self, Backend, Prepared};
 use crate::virtio::{GuestMemory, InterruptKind, VirtioInterrupt};
 
 const QUEUE_TOKEN: u64 = 0;
@@ -33,35 +46,198 @@ pub enum WorkerError {
     Interrupt(#[source] io::Error),
 }
 
-/// Everything the I/O thread owns while the device is active.
+/// Requests in flight on a queue and whether it is stopping.
+#[derive(Default)]
+struct Flow {
+    in_flight: usize,
+    stopping: bool,
+}
+
+/// One queue, shared by its queue thread and the I/O threads completing
+/// its requests.
+pub(crate) struct QueueShared {
+    queue: Mutex<Queue>,
+    index: u16,
+    name: String,
+    mem: GuestMemory,
+    interrupt: Arc<dyn VirtioInterrupt>,
+    /// Most requests in flight (the queue size).
+    limit: usize,
+    flow: Mutex<Flow>,
+    flow_changed: Condvar,
+    broken: AtomicBool,
+}
+
+impl QueueShared {
+    /// Queue `index` (named `name` in messages) of a device.
+    pub fn new(
+        (index, queue): (u16, Queue),
+        name: String,
+        mem: GuestMemory,
+        interrupt: Arc<dyn VirtioInterrupt>,
+    ) -> QueueShared {
+        QueueShared {
+            limit: usize::from(queue.size()).max(1),
+            queue: Mutex::new(queue),
+            index,
+            name,
+            mem,
+            interrupt,
+            flow: Mutex::new(Flow::default()),
+            flow_changed: Condvar::new(),
+            broken: AtomicBool::new(false),
+        }
+    }
+
+    /// Guest memory.
+    pub fn mem(&self) -> &GuestMemory {
+        &self.mem
+    }
+
+    /// Returns finished requests (head, used length) on the used ring and
+    /// interrupts the driver if it wants one; nothing is returned once the
+    /// queue is stopping or broken.
+    pub fn finish(&self, done: &[(u16, u32)]) {
+        let stopping = lock(&self.flow).stopping;
+        if !stopping && !self.broken.load(Ordering::Acquire) {
+            if let Err(e) = self.return_used(done) {
+                self.mark_broken(&e);
+            }
+        }
+        let mut flow = lock(&self.flow);
+        flow.in_flight = flow.in_flight.saturating_sub(done.len());
+        drop(flow);
+        self.flow_changed.notify_all();
+    }
+
+    fn return_used(&self, done: &[(u16, u32)]) -> Result<(), WorkerError> {
+        let mut queue = lock(&self.queue);
+        for &(head, used_len) in done {
+            // A head index beyond the queue names no descriptor; there is
+            // nothing to return for it.
+            if head < queue.size() {
+                queue
+                    .add_used(&self.mem, head, used_len)
+                    .map_err(WorkerError::Queue)?;
+            }
+        }
+        if queue
+            .needs_notification(&self.mem)
+            .map_err(WorkerError::Queue)?
+        {
+            drop(queue);
+            self.interrupt
+                .trigger(InterruptKind::Queue(self.index))
+                .map_err(WorkerError::Interrupt)?;
+        }
+        Ok(())
+    }
+
+    /// Stops serving the queue and asks the driver for a device reset.
+    fn mark_broken(&self, error: &WorkerError) {
+        if !self.broken.swap(true, Ordering::AcqRel) {
+            eprintln!("zvmm: {}: queue {} stopped: {error}", self.name, self.index);
+            self.interrupt.set_needs_reset();
+        }
+        self.flow_changed.notify_all();
+    }
+
+    /// Room for more requests: blocks while `limit` are in flight; `None`
+    /// once stopping or broken.
+    fn wait_for_room(&self) -> Option<usize> {
+        let mut flow = lock(&self.flow);
+        loop {
+            if flow.stopping || self.broken.load(Ordering::Acquire) {
+                return None;
+            }
+            if flow.in_flight < self.limit {
+                return Some(self.limit - flow.in_flight);
+            }
+            flow = self
+                .flow_changed
+                .wait(flow)
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+        }
+    }
+
+    /// Takes up to `room` requests off the available ring and counts them
+    /// in flight; an empty batch means the ring is empty and notifications
+    /// are enabled again.
+    fn pop(&self, room: usize) -> Result<Vec<(u16, Prepared)>, WorkerError> {
+        let mut queue = lock(&self.queue);
+        let mut batch = Vec::new();
+        loop {
+            queue
+                .disable_notification(&self.mem)
+                .map_err(WorkerError::Queue)?;
+            while batch.len() < room {
+                let chain = queue.iter(&self.mem).map_err(WorkerError::Queue)?.next();
+                let Some(chain) = chain else {
+                    break;
+                };
+                let head = chain.head_index();
+                batch.push((head, request::prepare(chain, &self.mem)));
+            }
+            if !batch.is_empty()
+                || !queue
+                    .enable_notification(&self.mem)
+                    .map_err(WorkerError::Queue)?
+            {
+                break;
+            }
+        }
+        drop(queue);
+        lock(&self.flow).in_flight += batch.len();
+        Ok(batch)
+    }
+
+    /// Asks the queue thread to stop taking requests.
+    pub fn request_stop(&self) {
+        lock(&self.flow).stopping = true;
+        self.flow_changed.notify_all();
+    }
+
+    /// Blocks until no request of this queue is in flight.
+    pub fn wait_idle(&self) {
+        let mut flow = lock(&self.flow);
+        while flow.in_flight > 0 {
+            flow = self
+                .flow_changed
+                .wait(flow)
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+        }
+    }
+}
+
+/// Who runs the requests a queue thread takes.
+pub(crate) enum Executor {
+    /// The queue thread itself, one batch at a time.
+    Inline(Backend),
+    /// The disk's I/O threads.
+    Pool(Submitter),
+}
+
+/// Everything one queue thread owns.
 pub(crate) struct Worker {
-    /// The one request queue.
-    pub queue: Queue,
-    /// Its index, for the interrupt.
-    pub index: u16,
+    /// The queue.
+    pub shared: Arc<QueueShared>,
     /// Written by KVM when the driver kicks the queue.
     pub queue_evt: EventFd,
     /// Written by the device to stop the thread.
     pub stop_evt: EventFd,
-    /// Guest memory.
-    pub mem: GuestMemory,
-    /// Interrupt delivery.
-    pub interrupt: Arc<dyn VirtioInterrupt>,
-    /// Disk, id and counters.
-    pub backend: Backend,
+    /// Who runs the requests.
+    pub executor: Executor,
 }
 
 impl Worker {
     /// Starts the thread `name`; it returns the queue eventfd when stopped.
     pub fn spawn(self, name: String) -> io::Result<JoinHandle<EventFd>> {
-        thread::Builder::new()
-            .name(name.clone())
-            .spawn(move || self.run(&name))
+        thread::Builder::new().name(name).spawn(move || self.run())
     }
 
-    fn run(mut self, name: &str) -> EventFd {
+    fn run(mut self) -> EventFd {
         if let Err(e) = self.event_loop() {
-            eprintln!("zvmm: {name}: stopped: {e}");
+            self.shared.mark_broken(&e);
         }
         self.queue_evt
     }
@@ -80,10 +256,9 @@ impl Worker {
                 )
                 .map_err(WorkerError::Epoll)?;
         }
-        // Requests may have been queued before the driver's first kick.
-        self.process_queue()?;
         let mut events = [EpollEvent::default(); 2];
-        loop {
+        // Requests may have been queued before the driver's first kick.
+        while self.dispatch()? {
             let count = match epoll.wait(-1, &mut events) {
                 Ok(count) => count,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -96,57 +271,36 @@ impl Worker {
             if ready.iter().any(|e| e.data() == QUEUE_TOKEN) {
                 // A failed read only means no kick is pending.
                 let _ = self.queue_evt.read();
-                self.process_queue()?;
             }
-        }
-    }
-
-    /// Runs every available request, re-checking after re-enabling
-    /// notifications, and interrupts the driver if it asked for it.
-    pub(crate) fn process_queue(&mut self) -> Result<(), WorkerError> {
-        loop {
-            self.queue
-                .disable_notification(&self.mem)
-                .map_err(WorkerError::Queue)?;
-            self.drain()?;
-            if !self
-                .queue
-                .enable_notification(&self.mem)
-                .map_err(WorkerError::Queue)?
-            {
-                break;
-            }
-        }
-        if self
-            .queue
-            .needs_notification(&self.mem)
-            .map_err(WorkerError::Queue)?
-        {
-            self.interrupt
-                .trigger(InterruptKind::Queue(self.index))
-                .map_err(WorkerError::Interrupt)?;
         }
         Ok(())
     }
 
-    fn drain(&mut self) -> Result<(), WorkerError> {
+    /// Takes and starts requests until the ring is empty (`true`) or the
+    /// queue stops (`false`).
+    fn dispatch(&mut self) -> Result<bool, WorkerError> {
         loop {
-            let chain = self
-                .queue
-                .iter(&self.mem)
-                .map_err(WorkerError::Queue)?
-                .next();
-            let Some(chain) = chain else {
-                return Ok(());
+            let Some(room) = self.shared.wait_for_room() else {
+                return Ok(false);
             };
-            let head = chain.head_index();
-            let used_len = request::process(chain, &self.mem, &self.backend);
-            // A head index beyond the queue names no descriptor; there is
-            // nothing to return for it.
-            if head < self.queue.size() {
-                self.queue
-                    .add_used(&self.mem, head, used_len)
-                    .map_err(WorkerError::Queue)?;
+            let batch = self.shared.pop(room)?;
+            if batch.is_empty() {
+                return Ok(true);
+            }
+            match &self.executor {
+                Executor::Inline(backend) => {
+                    let mem = self.shared.mem();
+                    let done: Vec<(u16, u32)> = batch
+                        .iter()
+                        .map(|(head, req)| (*head, request::complete(req, mem, backend)))
+                        .collect();
+                    self.shared.finish(&done);
+                }
+                Executor::Pool(pool) => {
+                    for (head, req) in batch {
+                        pool.submit(&self.shared, head, req);
+                    }
+                }
             }
         }
     }
