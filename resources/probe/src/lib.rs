@@ -35,9 +35,12 @@ pub mod pit;
 pub mod power;
 pub mod pwrbtn;
 pub mod relaunch;
+pub mod rng;
 pub mod serial;
 pub mod smp;
 pub mod virtio;
+pub mod vsock;
+pub mod vsocktest;
 
 use action::Action;
 use boot::BootInfo;
@@ -100,6 +103,8 @@ extern "C" fn probe_main(protocol: u32, info_addr: u64) -> ! {
         blk::run(&pci, cmdline);
         net::run(&pci, cmdline);
         fs::run(&pci, cmdline);
+        vsock::run(&pci, cmdline);
+        rng::run(&pci, cmdline);
     }
     report_unclaimed_port();
     pit::report();
