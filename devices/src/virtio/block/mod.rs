@@ -41,6 +41,8 @@ pub mod request;
 mod worker;
 
 #[cfg(test)]
+mod mq_tests;
+#[cfg(test)]
 mod testing;
 
 pub use device::{

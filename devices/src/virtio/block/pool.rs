@@ -180,3 +180,46 @@ fn wait_for_writes_before(shared: &Shared, ticket: u64) {
             .unwrap_or_else(|poisoned| poisoned.into_inner());
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Duration;
+
+    use super::*;
+    use crate::virtio::block::testing::{backend_on, open_image, Image};
+
+    /// A FLUSH with ticket 5 waits for the write with ticket 2, not for the
+    /// one with ticket 7 queued after it.
+    #[test]
+    fn a_flush_waits_only_for_writes_queued_before_it() {
+        let image = Image::new(1 << 20);
+        let backend = backend_on(open_image(&image.path, false, None));
+        let shared = Arc::new(Shared {
+            backend,
+            jobs: Mutex::new(Jobs::default()),
+            job_ready: Condvar::new(),
+            writes: Mutex::new(BTreeSet::from([2, 7])),
+            write_done: Condvar::new(),
+        });
+        let released = Arc::new(AtomicBool::new(false));
+        let flush = {
+            let (shared, released) = (shared.clone(), released.clone());
+            thread::spawn(move || {
+                wait_for_writes_before(&shared, 5);
+                released.store(true, Ordering::SeqCst);
+            })
+        };
+        thread::sleep(Duration::from_millis(100));
+        assert!(
+            !released.load(Ordering::SeqCst),
+            "flush passed a write before it"
+        );
+        lock(&shared.writes).remove(&2);
+        shared.write_done.notify_all();
+        flush.join().unwrap();
+        assert!(released.load(Ordering::SeqCst));
+        // Nothing before ticket 1: no wait at all.
+        wait_for_writes_before(&shared, 1);
+    }
+}
