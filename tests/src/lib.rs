@@ -12,5 +12,7 @@ pub mod images;
 pub mod net;
 pub mod probe;
 pub mod qemu;
+pub mod rng;
 pub mod tiny;
+pub mod vsock;
 pub mod zvmm;

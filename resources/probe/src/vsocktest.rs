@@ -24,8 +24,8 @@
 //! answers and closes (SHUTDOWN both ways), the probe hashes the answer
 //! and resets the connection. Each connection ends with one line:
 //!
-//! `probe: vsock conn=N kind=listen|connect local=P peer=P rx bytes=N
-//! fnv1a64=H tx bytes=N fnv1a64=H seed=S end=E credit_violations=N
+//! `probe: vsock conn=N kind=listen|connect local=P peer=P rx_bytes=N
+//! rx_fnv1a64=H tx_bytes=N tx_fnv1a64=H seed=S end=E credit_violations=N
 //! credit_requests_sent=N credit_requests_received=N credit_updates_sent=N`
 //!
 //! where E is `closed` (the orderly end above), `peer_shutdown` (the host
@@ -263,7 +263,7 @@ impl Conn {
         };
         let c = self.credit;
         report!(
-            "vsock conn={} kind={kind} local={} peer={} rx bytes={} fnv1a64={:#018x} tx bytes={} fnv1a64={:#018x} seed={} end={} credit_violations={} credit_requests_sent={} credit_requests_received={} credit_updates_sent={}",
+            "vsock conn={} kind={kind} local={} peer={} rx_bytes={} rx_fnv1a64={:#018x} tx_bytes={} tx_fnv1a64={:#018x} seed={} end={} credit_violations={} credit_requests_sent={} credit_requests_received={} credit_updates_sent={}",
             self.number,
             self.local,
             self.peer,
