@@ -24,9 +24,18 @@
 //! child in the new PID namespace; both handle SIGTERM), up to
 //! [`STOP_GRACE`] for them to exit, then SIGKILL; the parent is reaped (the
 //! child, orphaned, is reaped by init; a zombie does not count as left
-//! over), then the socket and the directory are removed. If zvmm itself is killed, virtiofsd exits
-//! when its vhost-user connection closes; one that was never connected
-//! keeps waiting until killed.
+//! over), then the socket and the directory are removed.
+//!
+//! If zvmm itself is killed, virtiofsd dies with it: the daemon is started
+//! with `PR_SET_PDEATHSIG` = SIGKILL (tied to the forking thread, the vmm
+//! thread, which outlives every boot's daemons), and its sandboxed child
+//! dies with the daemon (virtiofsd sets the same on it). The runtime
+//! directory a killed zvmm cannot remove is removed by the next start of
+//! a daemon under the same base (only `zvmm-<pid>-<n>` directories whose
+//! zvmm is gone and that hold nothing but dead sockets and pid files),
+//! said in one line on stderr.
+
+mod stale;
 
 use std::collections::VecDeque;
 use std::fs::DirBuilder;
@@ -199,10 +208,7 @@ impl StderrTail {
             reader_tail.lock().1 = true;
             reader_tail.closed.notify_all();
         };
-        if let Err(e) = std::thread::Builder::new()
-            .name("virtiofsd-log".into())
-            .spawn(reader)
-        {
+        if let Err(e) = devices::virtio::thread::spawn("virtiofsd-log".into(), reader) {
             // Without the reader the messages say less; the daemon runs.
             eprintln!("zvmm: cannot read virtiofsd's stderr: {e}");
         }
@@ -265,6 +271,12 @@ impl Virtiofsd {
         let binary = find_binary(opts.binary.as_deref())?;
         check_shared_dir(&opts.shared_dir)?;
         let base = opts.runtime_base.clone().unwrap_or_else(runtime_base);
+        for (dir, pid) in stale::remove_stale_runtime_dirs(&base) {
+            eprintln!(
+                "zvmm: removed stale virtiofsd runtime directory {} (zvmm {pid} is gone)",
+                dir.display()
+            );
+        }
         let runtime_dir = make_runtime_dir(&base)?;
         let socket = runtime_dir.join(format!("{}.sock", socket_name(&opts.tag)));
         let mut last_error = None;
@@ -291,7 +303,15 @@ impl Virtiofsd {
         runtime_dir: &Path,
         socket: &Path,
     ) -> Result<Virtiofsd, VirtiofsdError> {
-        let mut child = Command::new(binary)
+        let mut command = Command::new(binary);
+        let parent = std::process::id();
+        // SAFETY: the closure runs in the forked child before exec and
+        // calls only prctl(2) and getppid(2), both async-signal-safe; it
+        // touches no memory shared with the parent.
+        unsafe {
+            command.pre_exec(move || die_with_parent(parent));
+        }
+        command
             .arg("--socket-path")
             .arg(socket)
             .arg("--shared-dir")
@@ -301,8 +321,10 @@ impl Virtiofsd {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
-            .process_group(0)
-            .spawn()
+            .process_group(0);
+        // From the unconfined launcher: a confined thread's seccomp filter
+        // and Landlock domain would be virtiofsd's too.
+        let mut child = crate::sandbox::run_unconfined(move || command.spawn())
             .map_err(|source| VirtiofsdError::Spawn {
                 binary: binary.display().to_string(),
                 source,
@@ -440,6 +462,22 @@ impl Drop for Virtiofsd {
     }
 }
 
+/// In the forked child: asks for SIGKILL when the thread that forked it
+/// (zvmm's vmm thread, which outlives every boot's daemons) ends — also
+/// when zvmm is killed before the daemon is connected — and gives up if
+/// zvmm is already gone.
+fn die_with_parent(parent: u32) -> io::Result<()> {
+    // SAFETY: PR_SET_PDEATHSIG takes a signal number; no memory involved.
+    if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: getppid(2) cannot fail and has no memory effects.
+    if u32::try_from(unsafe { libc::getppid() }).ok() != Some(parent) {
+        return Err(io::Error::from_raw_os_error(libc::ESRCH));
+    }
+    Ok(())
+}
+
 /// Whether the daemon refused the sandbox (so another may work).
 fn sandbox_refused(error: &VirtiofsdError) -> bool {
     match error {
@@ -539,7 +577,7 @@ fn check_shared_dir(dir: &Path) -> Result<(), VirtiofsdError> {
 }
 
 /// `$XDG_RUNTIME_DIR`, else `/run/zvmm` if it can be made, else `/tmp`.
-fn runtime_base() -> PathBuf {
+pub fn runtime_base() -> PathBuf {
     if let Some(dir) = std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from) {
         if dir.is_dir() {
             return dir;
@@ -597,7 +635,7 @@ fn socket_name(tag: &str) -> String {
 
 /// Whether a Unix socket bound at `path` is listening: its line in
 /// `/proc/net/unix` has `__SO_ACCEPTCON` among its flags.
-fn listening(path: &Path) -> bool {
+pub(crate) fn listening(path: &Path) -> bool {
     const ACCEPTCON: u32 = 1 << 16;
     let Ok(table) = std::fs::read_to_string("/proc/net/unix") else {
         return false;
@@ -710,6 +748,29 @@ mod tests {
         assert!(!socket.exists());
         assert_eq!(scratch.leftovers(), Vec::<PathBuf>::new());
         assert_eq!(daemon.stop(), Some(status), "idempotent");
+    }
+
+    /// A daemon whose starter disappears without stopping it (as when
+    /// zvmm is killed) dies too: PR_SET_PDEATHSIG fires when the thread
+    /// that forked it ends.
+    #[test]
+    fn a_daemon_dies_with_the_thread_that_started_it() {
+        installed();
+        let scratch = Scratch::new();
+        let options = scratch.options();
+        let group = std::thread::spawn(move || {
+            let daemon = Virtiofsd::start(options).unwrap();
+            let group = daemon.pid() as libc::pid_t;
+            std::mem::forget(daemon);
+            group
+        })
+        .join()
+        .unwrap();
+        assert!(
+            group_gone(group, Duration::from_secs(10)),
+            "virtiofsd outlived its starter: {:?}",
+            processes_mentioning(&scratch.path("run").display().to_string())
+        );
     }
 
     #[test]

@@ -78,6 +78,11 @@ impl HostSocket {
                     return Err(SocketError::InUse);
                 }
                 std::fs::remove_file(path).map_err(io_error("remove the stale socket"))?;
+                // A zvmm killed with SIGKILL cannot remove its socket.
+                eprintln!(
+                    "zvmm: removed stale vsock socket {} (no process listening)",
+                    path.display()
+                );
             }
             Ok(_) => return Err(SocketError::NotASocket),
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
