@@ -27,9 +27,10 @@
 //! over), then the socket and the directory are removed.
 //!
 //! If zvmm itself is killed, virtiofsd dies with it: the daemon is started
-//! with `PR_SET_PDEATHSIG` = SIGKILL (tied to the forking thread, the vmm
-//! thread, which outlives every boot's daemons), and its sandboxed child
-//! dies with the daemon (virtiofsd sets the same on it). The runtime
+//! with `PR_SET_PDEATHSIG` = SIGKILL (tied to the forking thread — the
+//! sandbox's launcher or the vmm thread, both outliving every boot's
+//! daemons), and its sandboxed child dies with the daemon (virtiofsd sets
+//! the same on it). The runtime
 //! directory a killed zvmm cannot remove is removed by the next start of
 //! a daemon under the same base (only `zvmm-<pid>-<n>` directories whose
 //! zvmm is gone and that hold nothing but dead sockets and pid files),
@@ -463,7 +464,7 @@ impl Drop for Virtiofsd {
 }
 
 /// In the forked child: asks for SIGKILL when the thread that forked it
-/// (zvmm's vmm thread, which outlives every boot's daemons) ends — also
+/// (the launcher or vmm thread, which outlive every daemon) ends — also
 /// when zvmm is killed before the daemon is connected — and gives up if
 /// zvmm is already gone.
 fn die_with_parent(parent: u32) -> io::Result<()> {
