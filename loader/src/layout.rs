@@ -15,16 +15,25 @@
 //! 0x0010_0000  high RAM: kernel image, then free RAM; initrd at the top of
 //!              low RAM, page-aligned
 //! 0xc000_0000  32-bit MMIO hole up to 4 GiB:
-//!   0xc000_0000  PCI 32-bit MMIO window (512 MiB)
-//!   0xe000_0000  PCI ECAM (256 MiB, buses 0-255)
+//!   0xc000_0000  PCI 32-bit MMIO windows (512 MiB, split evenly among
+//!                the PCI segments)
+//!   0xe000_0000  PCI ECAM area (256 MiB reserved): 1 MiB (bus 0) per
+//!                segment, segment S at 0xe000_0000 + S MiB
 //!   0xfec0_0000  IOAPIC
 //!   0xfee0_0000  local APICs
 //!   0xfffb_d000  KVM TSS (3 pages)
 //! 0x1_0000_0000 RAM above 4 GiB (whatever did not fit below the hole)
 //! then         the memory-hotplug range (`memory.hotplug_size`), from the
 //!              end of RAM (at least 4 GiB) rounded up to 128 MiB
-//! then         the PCI 64-bit window, 256 GiB aligned
+//! then         the PCI 64-bit window, 256 GiB aligned (split evenly
+//!              among the PCI segments)
 //! ```
+//!
+//! Each PCI segment is its own host bridge: [`pci_segment_windows`] gives
+//! its ECAM and its two memory windows. With one segment they are the
+//! whole 32-bit and 64-bit windows; with N, each gets the largest power of
+//! two that fits N times, so every window is naturally aligned and no two
+//! overlap.
 //!
 //! The hotplug range is reserved by the layout only: it is not in the e820
 //! or PVH memory map (RAM plugged there later becomes RAM, which an e820
@@ -75,8 +84,14 @@ pub const PCI_MMIO32_START: u64 = MMIO32_START;
 pub const PCI_MMIO32_SIZE: u64 = 0x2000_0000;
 /// PCI Express enhanced configuration (ECAM) window.
 pub const PCI_ECAM_START: u64 = 0xe000_0000;
-/// Size of the ECAM window: 256 buses of 1 MiB.
+/// Size of the ECAM area: 256 MiB, reserved in the memory map; each
+/// segment decodes [`PCI_ECAM_SEGMENT_SIZE`] of it.
 pub const PCI_ECAM_SIZE: u64 = 0x1000_0000;
+/// ECAM bytes of one segment: bus 0 only (32 devices of 8 functions of
+/// 4 KiB).
+pub const PCI_ECAM_SEGMENT_SIZE: u64 = 1 << 20;
+/// Most PCI segments (cloud-hypervisor's limit, `platform.num_pci_segments`).
+pub const MAX_PCI_SEGMENTS: u16 = 16;
 /// IOAPIC registers (the in-kernel IOAPIC answers here).
 pub const IOAPIC_START: u64 = 0xfec0_0000;
 /// Local APIC registers (the in-kernel LAPICs answer here).
@@ -106,6 +121,7 @@ const _: () = {
     assert!(ACPI_END <= HIGH_RAM_START);
     assert!(PCI_MMIO32_START + PCI_MMIO32_SIZE <= PCI_ECAM_START);
     assert!(PCI_ECAM_START + PCI_ECAM_SIZE <= IOAPIC_START);
+    assert!(MAX_PCI_SEGMENTS as u64 * PCI_ECAM_SEGMENT_SIZE <= PCI_ECAM_SIZE);
     assert!(APIC_START < KVM_TSS_START);
 };
 
@@ -216,6 +232,48 @@ pub fn pci_mmio64_start_above(ram_size: u64, hotplug_size: u64) -> u64 {
         None => ram_end(ram_size).max(FOUR_GIB),
     };
     end.next_multiple_of(PCI_MMIO64_ALIGN)
+}
+
+/// One PCI segment's address windows: `(start, size)` each.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PciSegmentWindows {
+    /// ECAM of its bus 0 ([`PCI_ECAM_SEGMENT_SIZE`] bytes).
+    pub ecam: (u64, u64),
+    /// Its share of the 32-bit window, below 4 GiB.
+    pub mmio32: (u64, u64),
+    /// Its share of the 64-bit window.
+    pub mmio64: (u64, u64),
+}
+
+/// The windows of `segment` of `segments` (1..=[`MAX_PCI_SEGMENTS`]) for a
+/// guest with `ram_size` bytes of RAM and `hotplug_size` bytes of hotplug
+/// range; `None` for a segment that does not exist.
+pub fn pci_segment_windows(
+    segment: u16,
+    segments: u16,
+    ram_size: u64,
+    hotplug_size: u64,
+) -> Option<PciSegmentWindows> {
+    if segment >= segments || segments > MAX_PCI_SEGMENTS {
+        return None;
+    }
+    let share = |size: u64| prev_power_of_two(size / u64::from(segments));
+    let (mmio32_size, mmio64_size) = (share(PCI_MMIO32_SIZE), share(PCI_MMIO64_SIZE));
+    let index = u64::from(segment);
+    let mmio64_start = pci_mmio64_start_above(ram_size, hotplug_size);
+    Some(PciSegmentWindows {
+        ecam: (
+            PCI_ECAM_START + index * PCI_ECAM_SEGMENT_SIZE,
+            PCI_ECAM_SEGMENT_SIZE,
+        ),
+        mmio32: (PCI_MMIO32_START + index * mmio32_size, mmio32_size),
+        mmio64: (mmio64_start + index * mmio64_size, mmio64_size),
+    })
+}
+
+/// The largest power of two at most `value` (`value` > 0).
+fn prev_power_of_two(value: u64) -> u64 {
+    1 << (63 - value.leading_zeros())
 }
 
 /// The memory map the guest is told about (e820 on the Linux boot protocol,
@@ -342,6 +400,66 @@ mod tests {
                 }
             }
             assert_eq!(pci_mmio64_start_above(ram, 0), pci_mmio64_start(ram));
+        }
+    }
+
+    fn overlap(a: (u64, u64), b: (u64, u64)) -> bool {
+        a.0 < b.0 + b.1 && b.0 < a.0 + a.1
+    }
+
+    #[test]
+    fn one_segment_has_the_whole_windows() {
+        let one = pci_segment_windows(0, 1, 1 << 30, 0).unwrap();
+        assert_eq!(one.mmio32, (PCI_MMIO32_START, PCI_MMIO32_SIZE));
+        assert_eq!(one.mmio64, (pci_mmio64_start(1 << 30), PCI_MMIO64_SIZE));
+        assert_eq!(one.ecam, (PCI_ECAM_START, 1 << 20));
+        assert_eq!(pci_segment_windows(1, 1, 1 << 30, 0), None);
+        assert_eq!(
+            pci_segment_windows(0, MAX_PCI_SEGMENTS + 1, 1 << 30, 0),
+            None
+        );
+    }
+
+    #[test]
+    fn segment_windows_are_aligned_disjoint_and_clear_of_everything_else() {
+        let fixed = [
+            (IOAPIC_START, 0x1000),
+            (APIC_START, 0x1000),
+            (KVM_TSS_START, 3 * PAGE_SIZE),
+        ];
+        for (ram, hotplug) in [(64u64 << 20, 0), (3 << 30, 1 << 30), (8 << 30, 300 << 30)] {
+            for segments in 1..=MAX_PCI_SEGMENTS {
+                let all: Vec<_> = (0..segments)
+                    .map(|s| pci_segment_windows(s, segments, ram, hotplug).unwrap())
+                    .collect();
+                let mut ranges = Vec::new();
+                for w in &all {
+                    assert!(w.mmio32.0 + w.mmio32.1 <= PCI_MMIO32_START + PCI_MMIO32_SIZE);
+                    assert!(w.mmio32.0 >= PCI_MMIO32_START && w.mmio32.1 >= 32 << 20);
+                    assert!(w.ecam.0 + w.ecam.1 <= PCI_ECAM_START + PCI_ECAM_SIZE);
+                    assert!(w.mmio64.0 >= pci_mmio64_start_above(ram, hotplug));
+                    let top = pci_mmio64_start_above(ram, hotplug) + PCI_MMIO64_SIZE;
+                    assert!(w.mmio64.0 + w.mmio64.1 <= top);
+                    for (start, size) in [w.ecam, w.mmio32, w.mmio64] {
+                        assert_eq!(start % size, 0, "{segments} segments: {w:?}");
+                        ranges.push((start, size));
+                    }
+                }
+                for (i, a) in ranges.iter().enumerate() {
+                    for b in &ranges[i + 1..] {
+                        assert!(!overlap(*a, *b), "{segments}: {a:x?} {b:x?}");
+                    }
+                    for b in fixed {
+                        assert!(!overlap(*a, b), "{a:x?} {b:x?}");
+                    }
+                    for region in ram_regions(ram) {
+                        assert!(!overlap(*a, region), "{a:x?} in RAM");
+                    }
+                    if let Some(range) = hotplug_range(ram, hotplug) {
+                        assert!(!overlap(*a, range), "{a:x?} in the hotplug range");
+                    }
+                }
+            }
         }
     }
 

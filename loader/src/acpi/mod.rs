@@ -349,7 +349,7 @@ mod tests {
         ]
     }
 
-    fn platform(cpus: u8) -> AcpiPlatform {
+    pub(super) fn platform(cpus: u8) -> AcpiPlatform {
         AcpiPlatform {
             cpus,
             max_cpus: cpus,
@@ -539,13 +539,13 @@ mod tests {
         text
     }
 
-    fn iasl(dir: &Path, args: &[&str]) -> String {
+    pub(super) fn iasl(dir: &Path, args: &[&str]) -> String {
         acpica("iasl", dir, args)
     }
 
     /// Writes every table but the RSDP to `dir` as `<signature>.dat`
     /// (lowercase) and returns the (name, table) pairs.
-    fn dump_tables(dir: &Path, platform: &AcpiPlatform) -> Vec<(String, Vec<u8>)> {
+    pub(super) fn dump_tables(dir: &Path, platform: &AcpiPlatform) -> Vec<(String, Vec<u8>)> {
         let mem = low_memory();
         let rsdp = create_acpi_tables(&mem, platform).unwrap();
         let mut dumped = Vec::new();
@@ -558,7 +558,7 @@ mod tests {
     }
 
     /// A fresh scratch directory for this test process.
-    fn scratch_dir(name: &str) -> PathBuf {
+    pub(super) fn scratch_dir(name: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("zvmm-acpi-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();

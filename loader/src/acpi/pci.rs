@@ -287,6 +287,105 @@ mod tests {
         assert_eq!(ecam.size, 2 << 20);
     }
 
+    /// Segment `segment` of `segments` as zvmm lays it out.
+    fn segment_bridge(segment: u16, segments: u16) -> PciHostBridge {
+        let windows = layout::pci_segment_windows(segment, segments, 1 << 30, 0).unwrap();
+        let range = |(start, size): (u64, u64)| AddressRange { start, size };
+        PciHostBridge {
+            segment,
+            ecam_start: windows.ecam.0,
+            bus_start: 0,
+            bus_end: 0,
+            mmio32: range(windows.mmio32),
+            mmio64: Some(range(windows.mmio64)),
+            io: None,
+        }
+    }
+
+    #[test]
+    fn two_segments_get_two_mcfg_entries_and_two_bridges() {
+        let devices: Vec<_> = (0..2)
+            .map(|s| PlatformDevice::PciHostBridge(segment_bridge(s, 2)))
+            .collect();
+        let mcfg = mcfg(&devices).unwrap();
+        assert_eq!(mcfg.len(), 36 + 8 + 2 * 16);
+        for (segment, entry) in mcfg[44..].chunks(16).enumerate() {
+            let base = u64::from_le_bytes(entry[..8].try_into().unwrap());
+            assert_eq!(base, layout::PCI_ECAM_START + ((segment as u64) << 20));
+            assert_eq!(
+                &entry[8..12],
+                &[segment as u8, 0, 0, 0],
+                "segment, buses 0-0"
+            );
+        }
+        let dsdt = super::super::dsdt::build(&devices).unwrap();
+        let pci1 = find(&dsdt, b"PCI1").expect("second bridge");
+        assert!(find(&dsdt, b"PCI0").unwrap() < pci1);
+        let seg = pci1 + find(&dsdt[pci1..], b"_SEG").unwrap() + 4;
+        assert_eq!(dsdt[seg], 0x01, "_SEG One");
+        assert!(find(&dsdt, b"ECM1").is_some(), "second ecam reserved");
+    }
+
+    #[test]
+    fn iasl_reads_one_host_bridge_per_segment() {
+        use crate::acpi::tests::{dump_tables, iasl, platform, scratch_dir};
+        let dir = scratch_dir("segments");
+        let segments = 3;
+        let mut machine = platform(1);
+        for segment in 0..segments {
+            let bridge = segment_bridge(segment, segments);
+            machine.devices.push(PlatformDevice::PciHostBridge(bridge));
+        }
+        dump_tables(&dir, &machine);
+        for table in ["mcfg", "dsdt"] {
+            let log = iasl(&dir, &["-d", &format!("{table}.dat")]);
+            assert!(!log.contains("Error"), "iasl -d {table}:\n{log}");
+        }
+        // Whitespace squashed: iasl aligns its comments.
+        let read = |name: &str| {
+            let text = std::fs::read_to_string(dir.join(name)).unwrap();
+            text.split_whitespace().collect::<Vec<_>>().join(" ")
+        };
+        let (mcfg, dsdt) = (read("mcfg.dsl"), read("dsdt.dsl"));
+        for segment in 0..segments {
+            let windows = layout::pci_segment_windows(segment, segments, 1 << 30, 0).unwrap();
+            let base = format!("Base Address : {:016X}", windows.ecam.0);
+            assert!(mcfg.contains(&base), "{base} missing from:\n{mcfg}");
+            assert!(
+                mcfg.contains(&format!("Segment Group Number : {segment:04X}")),
+                "{mcfg}"
+            );
+            let device = format!("Device (PCI{segment})");
+            let at = dsdt
+                .find(&device)
+                .unwrap_or_else(|| panic!("{device}:\n{dsdt}"));
+            let body = &dsdt[at..];
+            let body = &body[..body[1..].find("Device (").map_or(body.len(), |end| end + 1)];
+            let uid = if segment == 0 {
+                "Zero".to_string()
+            } else if segment == 1 {
+                "One".to_string()
+            } else {
+                format!("0x{segment:02X}")
+            };
+            for expected in [
+                "EisaId (\"PNP0A08\")".to_string(),
+                format!("Name (_SEG, {uid})"),
+                format!("Name (_UID, {uid})"),
+                "Name (_BBN, Zero)".to_string(),
+                format!("0x{:08X}, // Range Minimum", windows.mmio32.0),
+                format!("0x{:016X}, // Range Minimum", windows.mmio64.0),
+            ] {
+                assert!(body.contains(&expected), "{expected} missing from:\n{body}");
+            }
+            let ecam = format!("Memory32Fixed (ReadOnly, 0x{:08X},", windows.ecam.0);
+            assert!(dsdt.contains(&ecam), "{ecam} missing from:\n{dsdt}");
+        }
+        let log = iasl(&dir, &["-p", "recompiled", "dsdt.dsl"]);
+        assert!(log.contains("0 Errors"), "{log}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     #[test]
     fn bad_bridges_are_rejected() {
         let window = |start, size| AddressRange { start, size };
