@@ -25,6 +25,7 @@ pub mod fuse;
 pub mod fw;
 pub mod fwblk;
 pub mod gpt;
+pub mod hostile;
 pub mod inet;
 pub mod io;
 pub mod net;
@@ -100,9 +101,13 @@ extern "C" fn probe_main(protocol: u32, info_addr: u64) -> ! {
     } else {
         let cmdline = boot.cmdline.unwrap_or(&[]);
         let pci = pci::discover(&acpi, cmdline);
-        blk::run(&pci, cmdline);
-        net::run(&pci, cmdline);
-        fs::run(&pci, cmdline);
+        if hostile::requested(cmdline) {
+            hostile::run(&boot, &acpi, &pci);
+        } else {
+            blk::run(&pci, cmdline);
+            net::run(&pci, cmdline);
+            fs::run(&pci, cmdline);
+        }
         vsock::run(&pci, cmdline);
         rng::run(&pci, cmdline);
     }
