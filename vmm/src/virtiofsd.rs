@@ -209,7 +209,10 @@ impl StderrTail {
             reader_tail.lock().1 = true;
             reader_tail.closed.notify_all();
         };
-        if let Err(e) = devices::virtio::thread::spawn("virtiofsd-log".into(), reader) {
+        if let Err(e) = std::thread::Builder::new()
+            .name("virtiofsd-log".into())
+            .spawn(reader)
+        {
             // Without the reader the messages say less; the daemon runs.
             eprintln!("zvmm: cannot read virtiofsd's stderr: {e}");
         }
@@ -323,9 +326,8 @@ impl Virtiofsd {
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .process_group(0);
-        // From the unconfined launcher: a confined thread's seccomp filter
-        // and Landlock domain would be virtiofsd's too.
-        let mut child = crate::sandbox::run_unconfined(move || command.spawn())
+        let mut child = command
+            .spawn()
             .map_err(|source| VirtiofsdError::Spawn {
                 binary: binary.display().to_string(),
                 source,
@@ -578,7 +580,7 @@ fn check_shared_dir(dir: &Path) -> Result<(), VirtiofsdError> {
 }
 
 /// `$XDG_RUNTIME_DIR`, else `/run/zvmm` if it can be made, else `/tmp`.
-pub fn runtime_base() -> PathBuf {
+fn runtime_base() -> PathBuf {
     if let Some(dir) = std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from) {
         if dir.is_dir() {
             return dir;

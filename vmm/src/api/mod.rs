@@ -172,7 +172,9 @@ impl ApiVmm {
         let events = handle.events();
         let exit = self.exit.clone();
         let failure = self.failure.clone();
-        devices::virtio::thread::spawn("api-vm-events".into(), move || {
+        std::thread::Builder::new()
+            .name("api-vm-events".into())
+            .spawn(move || {
                 for event in events {
                     match event {
                         VmEvent::Stopped(StopReason::Requested) => {}
@@ -369,13 +371,7 @@ pub fn run(socket: &Path, config: Option<VmConfig>) -> Result<StopReason, ApiErr
         .ok_or_else(|| ApiError::Host("the API socket's listener".into()))?;
     let server = server::Server::start(listener, vmm.clone())
         .map_err(|e| ApiError::Host(format!("the API server: {e}")))?;
-    let result = boot_initial(&vmm, config)
-        .and_then(|()| {
-            // The main thread only waits from here on.
-            crate::sandbox::confine_current(crate::sandbox::ThreadKind::Main)
-                .map_err(|e| ApiError::Host(crate::sandbox::error_chain(&e)))
-        })
-        .and_then(|()| wait_for_exit(&exit));
+    let result = boot_initial(&vmm, config).and_then(|()| wait_for_exit(&exit));
     server.stop();
     // Stops a VM that still runs (vmm.shutdown, signal) before the socket goes.
     let _ = vmm.delete();
