@@ -12,7 +12,7 @@
 //! - `probe.blk.zero=SECTOR:COUNT` WRITE_ZEROES with the unmap flag
 //! - `probe.blk.bench=MIB` sequential read/write of MIB MiB, random reads
 
-use crate::pci::{Config, Function, Pci};
+use crate::pci::{Config, Function, Pci, SlotLabel};
 use crate::serial::Quoted;
 use crate::virtio::{self, Buf, Device, Queue, QUEUE_MAX};
 use crate::{fnv1a64_update, io, report, FNV_OFFSET_BASIS};
@@ -217,7 +217,7 @@ pub fn run(pci: &Pci, cmdline: &[u8]) {
 
 /// Sets up one device, runs the requests, resets it.
 fn drive(config: &Config, function: &Function, options: &Options, bench: &mut Option<u64>) {
-    let slot = function.bdf.slot;
+    let slot = function.bdf.label();
     let device = match Device::init(config, function, WANTED) {
         Ok(device) => device,
         Err(err) => {
@@ -286,7 +286,7 @@ struct Request {
 struct Disk {
     device: Device,
     queue: Queue,
-    slot: u8,
+    slot: SlotLabel,
     capacity: u64,
     ro: bool,
     /// Largest data descriptor.
@@ -304,7 +304,7 @@ struct Disk {
 impl Disk {
     /// Reads the configuration, sets up the queue, sets DRIVER_OK.
     fn new(mut device: Device) -> Result<Disk, virtio::VirtioError> {
-        let slot = device.bdf.slot;
+        let slot = device.bdf.label();
         let cfg = read_config(&device);
         let ro = device.has(F_RO);
         let seg_max = if device.has(F_SEG_MAX) {
@@ -698,7 +698,7 @@ fn fill_pattern(data: &mut [u8], sector: u64) {
 }
 
 /// `blk slot=N NAME sector=S count=C`.
-struct RangeHead(u8, &'static str, Range);
+struct RangeHead(SlotLabel, &'static str, Range);
 
 impl core::fmt::Display for RangeHead {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {

@@ -17,7 +17,7 @@
 //! hangs the probe.
 
 use crate::fuse::{self, op, OutHeader, IN_HEADER_LEN, OUT_HEADER_LEN};
-use crate::pci::{Config, Function, Pci};
+use crate::pci::{Config, Function, Pci, SlotLabel};
 use crate::serial::Quoted;
 use crate::virtio::{self, Buf, Device, Queue};
 use crate::{fstest, io, report};
@@ -98,7 +98,7 @@ pub fn run(pci: &Pci, cmdline: &[u8]) {
 
 /// Sets one device up, runs the session, resets it.
 fn drive(config: &Config, function: &Function, options: &fstest::Options, first: bool) {
-    let slot = function.bdf.slot;
+    let slot = function.bdf.label();
     let device = match Device::init(config, function, 0) {
         Ok(device) => device,
         Err(err) => {
@@ -202,7 +202,7 @@ pub struct Session {
     hiprio: Queue,
     requests: Queue,
     /// This device's PCI slot.
-    pub slot: u8,
+    pub slot: SlotLabel,
     next_unique: u64,
     /// The `unique` each busy slot waits for.
     busy: [Option<u64>; MAX_SLOTS],
@@ -226,7 +226,7 @@ pub struct Session {
 impl Session {
     /// Reports the configuration, sets up both queues, sets DRIVER_OK.
     fn new(mut device: Device, wait_ms: u64) -> Result<Session, virtio::VirtioError> {
-        let slot = device.bdf.slot;
+        let slot = device.bdf.label();
         if device.device_cfg_len < CFG_LEN {
             return Err(virtio::VirtioError::BadCapability("device"));
         }

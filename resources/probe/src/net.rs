@@ -13,7 +13,7 @@
 
 use crate::inet::{Mac, MacText};
 use crate::nettest;
-use crate::pci::{Config, Function, Pci};
+use crate::pci::{Config, Function, Pci, SlotLabel};
 use crate::virtio::{self, Buf, Device, Queue, QUEUE_MAX};
 use crate::{io, report};
 
@@ -131,7 +131,7 @@ pub fn run(pci: &Pci, cmdline: &[u8]) {
     for function in pci.functions() {
         if function.vendor == virtio::VENDOR_ID && function.device == DEVICE_ID {
             found += 1;
-            let slot = function.bdf.slot;
+            let slot = function.bdf.label();
             match Nic::new(&pci.config, function) {
                 Ok(mut nic) => {
                     if core::mem::take(&mut exchange) {
@@ -211,7 +211,7 @@ pub struct Nic {
     rx: Queue,
     tx: Queue,
     /// This device's PCI slot.
-    pub slot: u8,
+    pub slot: SlotLabel,
     /// The MAC from the configuration space (zero without VIRTIO_NET_F_MAC).
     pub mac: Mac,
     tx_busy: [bool; TX_SLOTS],
@@ -231,7 +231,7 @@ impl Nic {
     /// queue, sends one command.
     fn new(config: &Config, function: &Function) -> Result<Nic, virtio::VirtioError> {
         let mut device = Device::init_with(config, function, select_features)?;
-        let slot = device.bdf.slot;
+        let slot = device.bdf.label();
         let (mac, status) = read_config(&device);
         report_config(&device, mac, status);
         let rx = device.setup_queue(RX_QUEUE, 1)?;
@@ -713,7 +713,7 @@ fn report_config(device: &Device, mac: Mac, status: u16) {
     };
     report!(
         "net slot={} mac={} link={link} status={status:#x} features={:#x} negotiated={:#x} mrg_rxbuf={} csum={} guest_csum={} host_tso={} guest_tso={} ecn={} ctrl_vq={} event_idx={} indirect={}",
-        device.bdf.slot,
+        device.bdf.label(),
         MacText(mac),
         device.offered,
         device.negotiated,

@@ -1,8 +1,12 @@
-//! PCI bus 0 the way Linux reaches it: the ECAM window from the ACPI MCFG
-//! table and the 0xCF8/0xCFC ports, enumeration through both (cross-checked
-//! and reported), BAR sizing and assignment of unassigned memory BARs, the
-//! command register, capability walking, and mapping MMIO that lies above
-//! the probe's 4 GiB identity map.
+//! PCI the way Linux reaches it: every segment's ECAM window from the ACPI
+//! MCFG table (one entry per segment) and, on segment 0, the 0xCF8/0xCFC
+//! ports; enumeration of each segment's root bus (on segment 0 through
+//! both mechanisms, cross-checked and reported), BAR sizing and assignment
+//! of unassigned memory BARs, the command register, capability walking,
+//! and mapping MMIO that lies above the probe's 4 GiB identity map.
+//!
+//! Functions are named by [`Bdf::label`] in every driver's report: the
+//! device number on segment 0 (`slot=3`), `S:D` elsewhere (`slot=1:3`).
 
 use core::arch::asm;
 
@@ -11,8 +15,10 @@ use crate::io::outl;
 use crate::phys::{self, u16_at, u64_at, u8_at};
 use crate::report;
 
-/// Most functions the probe keeps from bus 0.
-pub const MAX_FUNCTIONS: usize = 32;
+/// Most functions the probe keeps from all root buses.
+pub const MAX_FUNCTIONS: usize = 64;
+/// Most PCI segments the probe reaches (cloud-hypervisor's limit).
+pub const MAX_SEGMENTS: usize = 16;
 /// Number of BARs of a type-0 header.
 pub const BAR_COUNT: usize = 6;
 
@@ -40,13 +46,44 @@ const CF8_ENABLE: u32 = 1 << 31;
 const ASSIGN_WINDOW: (u64, u64) = (0xc000_0000, 0xe000_0000);
 const TWO_MIB: u64 = 1 << 21;
 
-/// A function on bus 0.
+/// A function on a segment's root bus.
 #[derive(Clone, Copy, Default, PartialEq, Eq)]
 pub struct Bdf {
+    /// PCI segment (group).
+    pub seg: u16,
+    /// Bus number (the segment's root bus).
+    pub bus: u8,
     /// Device number (0..32).
     pub slot: u8,
     /// Function number (0..8).
     pub func: u8,
+}
+
+impl Bdf {
+    /// How reports name the function's device: `D` on segment 0, `S:D`
+    /// on segment S.
+    pub fn label(&self) -> SlotLabel {
+        SlotLabel {
+            seg: self.seg,
+            slot: self.slot,
+        }
+    }
+}
+
+/// A device's name in reports (see [`Bdf::label`]).
+#[derive(Clone, Copy, Default, PartialEq, Eq)]
+pub struct SlotLabel {
+    seg: u16,
+    slot: u8,
+}
+
+impl core::fmt::Display for SlotLabel {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self.seg {
+            0 => write!(f, "{}", self.slot),
+            seg => write!(f, "{seg}:{}", self.slot),
+        }
+    }
 }
 
 /// What a BAR decodes.
@@ -89,19 +126,27 @@ pub struct Function {
     pub bars: [Bar; BAR_COUNT],
 }
 
-/// The two configuration mechanisms of bus 0.
+/// The configuration mechanisms: each segment's ECAM (the MCFG base of
+/// its bus 0, mapped) and, for segment 0, the 0xCF8 ports.
 #[derive(Clone, Copy)]
 pub struct Config {
-    ecam: Option<u64>,
+    ecam: [Option<u64>; MAX_SEGMENTS],
     cf8: bool,
 }
 
 impl Config {
+    /// Whether 0xCF8/0xCFC reaches `bdf`'s register `reg`: segment 0's
+    /// first 256 bytes, when the ports are present.
+    fn uses_cf8(&self, bdf: Bdf, reg: u16) -> bool {
+        self.cf8 && bdf.seg == 0 && reg < 256
+    }
+
     /// Reads a dword the way Linux does: 0xCF8/0xCFC for the first 256
-    /// bytes when present, else ECAM; all-ones when neither answers.
+    /// bytes of segment 0 when present, else ECAM; all-ones when neither
+    /// answers.
     pub fn read32(&self, bdf: Bdf, reg: u16) -> u32 {
         let reg = reg & !3;
-        let value = if self.cf8 && reg < 256 {
+        let value = if self.uses_cf8(bdf, reg) {
             Some(cf8_read32(bdf, reg))
         } else {
             self.ecam_read32(bdf, reg)
@@ -122,11 +167,12 @@ impl Config {
     /// Writes a dword (mechanism chosen as for [`Config::read32`]).
     pub fn write32(&self, bdf: Bdf, reg: u16, value: u32) {
         let reg = reg & !3;
-        if self.cf8 && reg < 256 {
+        if self.uses_cf8(bdf, reg) {
             outl(CF8_ADDRESS, cf8_address(bdf, reg));
             outl(CF8_DATA, value);
         } else if let Some(addr) = self.ecam_addr(bdf, reg) {
-            // SAFETY: inside the ECAM window of bus 0, which is mapped.
+            // SAFETY: inside the ECAM window of the segment's root bus,
+            // which is mapped.
             unsafe { core::ptr::write_volatile(addr as *mut u32, value) };
         }
     }
@@ -135,24 +181,25 @@ impl Config {
     /// read-modify-write of the dword would clear RW1C status bits).
     pub fn write16(&self, bdf: Bdf, reg: u16, value: u16) {
         let reg = reg & !1;
-        if self.cf8 && reg < 256 {
+        if self.uses_cf8(bdf, reg) {
             outl(CF8_ADDRESS, cf8_address(bdf, reg & !3));
             crate::io::outw(CF8_DATA + (reg & 2), value);
         } else if let Some(addr) = self.ecam_addr(bdf, reg) {
-            // SAFETY: inside the ECAM window of bus 0, which is mapped.
+            // SAFETY: as in `write32`.
             unsafe { core::ptr::write_volatile(addr as *mut u16, value) };
         }
     }
 
     fn ecam_addr(&self, bdf: Bdf, reg: u16) -> Option<u64> {
-        let base = self.ecam?;
-        let offset = (u64::from(bdf.slot) << 15) | (u64::from(bdf.func) << 12);
+        let base = (*self.ecam.get(usize::from(bdf.seg))?)?;
+        let offset =
+            (u64::from(bdf.bus) << 20) | (u64::from(bdf.slot) << 15) | (u64::from(bdf.func) << 12);
         Some(base + offset + u64::from(reg & 0xfff))
     }
 
     fn ecam_read32(&self, bdf: Bdf, reg: u16) -> Option<u32> {
         let addr = self.ecam_addr(bdf, reg & !3)?;
-        // SAFETY: inside the ECAM window of bus 0, which is mapped.
+        // SAFETY: as in `write32`.
         Some(unsafe { core::ptr::read_volatile(addr as *const u32) })
     }
 
@@ -196,7 +243,11 @@ impl Iterator for Capabilities<'_> {
 }
 
 fn cf8_address(bdf: Bdf, reg: u16) -> u32 {
-    CF8_ENABLE | (u32::from(bdf.slot) << 11) | (u32::from(bdf.func) << 8) | u32::from(reg & 0xfc)
+    CF8_ENABLE
+        | (u32::from(bdf.bus) << 16)
+        | (u32::from(bdf.slot) << 11)
+        | (u32::from(bdf.func) << 8)
+        | u32::from(reg & 0xfc)
 }
 
 fn cf8_read32(bdf: Bdf, reg: u16) -> u32 {
@@ -219,7 +270,7 @@ fn cf8_present() -> bool {
     present
 }
 
-/// Bus 0: its configuration mechanisms and functions.
+/// The root buses: their configuration mechanisms and functions.
 pub struct Pci {
     /// Configuration access.
     pub config: Config,
@@ -228,28 +279,55 @@ pub struct Pci {
 }
 
 impl Pci {
-    /// The functions found.
+    /// The functions found, segment by segment.
     pub fn functions(&self) -> &[Function] {
         &self.functions[..self.count]
     }
 }
 
-/// Finds the configuration mechanisms, enumerates bus 0 through both,
-/// sizes the BARs (assigning unassigned memory BARs) and reports it all.
+/// A segment's root bus to scan.
+#[derive(Clone, Copy, Default)]
+struct RootBus {
+    seg: u16,
+    bus: u8,
+}
+
+/// Finds the configuration mechanisms, enumerates every segment's root
+/// bus (segment 0 through both mechanisms), sizes the BARs (assigning
+/// unassigned memory BARs) and reports it all.
 /// `probe.pci.mem64=ADDR` on `cmdline` (test aid) places every 64-bit
 /// memory BAR from ADDR upwards, whatever the firmware chose.
 pub fn discover(acpi: &Acpi, cmdline: &[u8]) -> Pci {
-    let ecam = ecam_base(acpi);
-    let cf8 = cf8_present();
-    report!("pci cf8={}", if cf8 { "present" } else { "absent" });
+    let mut config = Config {
+        ecam: [None; MAX_SEGMENTS],
+        cf8: cf8_present(),
+    };
+    let (roots, count) = ecam_windows(acpi, &mut config);
+    report!("pci cf8={}", if config.cf8 { "present" } else { "absent" });
     let mut pci = Pci {
-        config: Config { ecam, cf8 },
+        config,
         functions: [Function::default(); MAX_FUNCTIONS],
         count: 0,
     };
+    for root in &roots[..count] {
+        scan_bus(&mut pci, *root);
+    }
+    report!("pci segments={count}");
+    report!("pci functions={}", pci.count);
+    size_all_bars(&mut pci, mem64_option(cmdline));
+    pci
+}
+
+/// Enumerates the devices and functions of one root bus.
+fn scan_bus(pci: &mut Pci, root: RootBus) {
     for slot in 0..32 {
         for func in 0..8 {
-            let bdf = Bdf { slot, func };
+            let bdf = Bdf {
+                seg: root.seg,
+                bus: root.bus,
+                slot,
+                func,
+            };
             let Some(function) = identify(&pci.config, bdf) else {
                 if func == 0 {
                     break;
@@ -263,9 +341,6 @@ pub fn discover(acpi: &Acpi, cmdline: &[u8]) -> Pci {
             }
         }
     }
-    report!("pci functions={}", pci.count);
-    size_all_bars(&mut pci, mem64_option(cmdline));
-    pci
 }
 
 /// The value of `probe.pci.mem64=` (`0x` hex or decimal).
@@ -291,54 +366,71 @@ impl Pci {
                 *slot = function;
                 self.count += 1;
             }
-            None => report!("pci slot={} ignored reason=too_many", function.bdf.slot),
+            None => report!("pci slot={} ignored reason=too_many", function.bdf.label()),
         }
     }
 }
 
-/// The ECAM base of segment 0, bus 0 from the MCFG table, mapped.
-fn ecam_base(acpi: &Acpi) -> Option<u64> {
+/// Maps and records the ECAM window of every MCFG entry (one per
+/// segment), reporting each; returns the root buses to scan by segment,
+/// segment 0 always (through 0xCF8 alone when it has no ECAM).
+fn ecam_windows(acpi: &Acpi, config: &mut Config) -> ([RootBus; MAX_SEGMENTS], usize) {
+    let mut roots = [RootBus::default(); MAX_SEGMENTS];
+    let mut count = 1; // segment 0, bus 0 unless its MCFG entry says otherwise
     let Some(mcfg) = acpi.mcfg else {
         report!("pci ecam none");
-        return None;
+        return (roots, count);
     };
     // Body: 8 reserved bytes, then 16-byte entries (base, segment, buses).
     let entries = mcfg.body().get(8..).unwrap_or(&[]);
-    let entry = entries
-        .chunks_exact(16)
-        .find(|e| u16_at(e, 8) == 0 && u8_at(e, 10) == 0);
-    let Some(entry) = entry else {
-        report!("pci ecam none reason=no_segment0_bus0");
-        return None;
-    };
-    let base = u64_at(entry, 0);
-    report!(
-        "pci ecam={base:#x} buses={}-{}",
-        u8_at(entry, 10),
-        u8_at(entry, 11)
-    );
-    if map_mmio(base, 1 << 20) {
-        Some(base)
-    } else {
-        report!("pci ecam unmappable");
-        None
+    for entry in entries.chunks_exact(16) {
+        let (base, seg) = (u64_at(entry, 0), u16_at(entry, 8));
+        let (first, last) = (u8_at(entry, 10), u8_at(entry, 11));
+        report!("pci ecam={base:#x} buses={first}-{last} seg={seg}");
+        let Some(place) = config.ecam.get_mut(usize::from(seg)) else {
+            report!("pci ecam seg={seg} ignored reason=beyond_{MAX_SEGMENTS}");
+            continue;
+        };
+        if place.is_some() {
+            report!("pci ecam seg={seg} ignored reason=duplicate");
+            continue;
+        }
+        if !map_mmio(base + (u64::from(first) << 20), 1 << 20) {
+            report!("pci ecam seg={seg} unmappable");
+            continue;
+        }
+        *place = Some(base);
+        let root = RootBus { seg, bus: first };
+        if seg == 0 {
+            roots[0] = root;
+        } else if let Some(free) = roots.get_mut(count) {
+            *free = root;
+            count += 1;
+        }
     }
+    if config.ecam[0].is_none() {
+        report!("pci ecam none reason=no_segment0");
+    }
+    roots[1..count].sort_unstable_by_key(|root| root.seg);
+    (roots, count)
 }
 
 /// Reads `bdf`'s IDs and class through both mechanisms, reports them and
 /// any disagreement; `None` if no function answers.
 fn identify(config: &Config, bdf: Bdf) -> Option<Function> {
     let read_ids = |read: &dyn Fn(u16) -> u32| (read(REG_ID), read(REG_CLASS));
-    let by_cf8 = config.cf8.then(|| read_ids(&|reg| cf8_read32(bdf, reg)));
+    let by_cf8 = config
+        .uses_cf8(bdf, REG_ID)
+        .then(|| read_ids(&|reg| cf8_read32(bdf, reg)));
     let by_ecam = config
-        .ecam
+        .ecam_addr(bdf, REG_ID)
         .map(|_| read_ids(&|reg| config.ecam_read32(bdf, reg).unwrap_or(u32::MAX)));
     let present = |ids: &(u32, u32)| ids.0 as u16 != 0xffff;
     let via = match (by_ecam, by_cf8) {
         (Some(e), Some(c)) if e != c && (present(&e) || present(&c)) => {
             report!(
                 "pci mismatch slot={} func={} ecam_id={:#010x} ecam_class={:#010x} cf8_id={:#010x} cf8_class={:#010x}",
-                bdf.slot, bdf.func, e.0, e.1, c.0, c.1
+                bdf.label(), bdf.func, e.0, e.1, c.0, c.1
             );
             "mismatch"
         }
@@ -354,14 +446,22 @@ fn identify(config: &Config, bdf: Bdf) -> Option<Function> {
         class: class >> 8,
         bars: [Bar::default(); BAR_COUNT],
     };
+    let (vendor, device, class) = (function.vendor, function.device, function.class);
     report!(
-        "pci slot={} func={} vendor={:#06x} device={:#06x} class={:#08x} via={via}",
+        "pci seg={} bus={} dev={} func={} vendor={vendor:#06x} device={device:#06x} class={class:#08x} via={via}",
+        bdf.seg,
+        bdf.bus,
         bdf.slot,
         bdf.func,
-        function.vendor,
-        function.device,
-        function.class
     );
+    if bdf.seg == 0 {
+        // The line older report readers look for.
+        report!(
+            "pci slot={} func={} vendor={vendor:#06x} device={device:#06x} class={class:#08x} via={via}",
+            bdf.slot,
+            bdf.func,
+        );
+    }
     Some(function)
 }
 
@@ -425,7 +525,7 @@ fn report_bar(function: &Function, index: usize, source: &str) {
     };
     report!(
         "pci slot={} func={} bar{index}={:#x} size={:#x} type={kind} assigned={source}",
-        function.bdf.slot,
+        function.bdf.label(),
         function.bdf.func,
         bar.addr,
         bar.size
@@ -507,13 +607,15 @@ fn move_bar(config: &Config, bdf: Bdf, index: usize, kind: BarKind, addr: u64) {
 pub fn enable(config: &Config, bdf: Bdf) {
     let command = config.read16(bdf, REG_COMMAND);
     config.write16(bdf, REG_COMMAND, command | COMMAND_MEMORY | COMMAND_MASTER);
-    let cf8 = config.cf8.then(|| cf8_read32(bdf, REG_COMMAND) as u16);
+    let cf8 = config
+        .uses_cf8(bdf, REG_COMMAND)
+        .then(|| cf8_read32(bdf, REG_COMMAND) as u16);
     let ecam = config.ecam_read32(bdf, REG_COMMAND).map(|v| v as u16);
     let value = config.read16(bdf, REG_COMMAND);
     let agree = cf8.unwrap_or(value) == value && ecam.unwrap_or(value) == value;
     report!(
         "pci slot={} func={} command={value:#06x} readback={}",
-        bdf.slot,
+        bdf.label(),
         bdf.func,
         if agree { "ok" } else { "mismatch" }
     );

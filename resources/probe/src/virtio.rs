@@ -237,7 +237,7 @@ impl Device {
         let status = self.status();
         report!(
             "virtio slot={} features offered={offered:#x} accepted={:#x} status={status:#04x}",
-            self.bdf.slot,
+            self.bdf.label(),
             self.negotiated
         );
         if status & STATUS_FEATURES_OK == 0 {
@@ -263,7 +263,7 @@ impl Device {
             cap,
         }) = self.msix
         else {
-            report!("virtio slot={} msix none", self.bdf.slot);
+            report!("virtio slot={} msix none", self.bdf.label());
             return;
         };
         let control = config.read16(self.bdf, cap + 2) & !MSIX_MASK_ALL;
@@ -283,7 +283,7 @@ impl Device {
         let readback = self.common.read16(CC_CONFIG_MSIX_VECTOR);
         report!(
             "virtio slot={} msix entries={entries} config_vector={}",
-            self.bdf.slot,
+            self.bdf.label(),
             vector_name(readback)
         );
     }
@@ -329,7 +329,7 @@ impl Device {
         common.write16(CC_QUEUE_ENABLE, 1);
         report!(
             "virtio slot={} queue={index} size={size} max={max} notify_off={notify_off} vector={vector}",
-            self.bdf.slot
+            self.bdf.label()
         );
         Ok(Queue {
             base,
@@ -351,7 +351,7 @@ impl Device {
         self.add_status(STATUS_DRIVER_OK);
         report!(
             "virtio slot={} driver_ok status={:#04x}",
-            self.bdf.slot,
+            self.bdf.label(),
             self.status()
         );
     }
@@ -523,7 +523,7 @@ fn report_caps(bdf: Bdf, caps: &Caps, common: Region, notify: Region, device: Re
     let isr = caps.isr.map_or(Where(None), |r| Where(Some(r)));
     report!(
         "virtio slot={} common={} notify={} multiplier={} isr={isr} device={} device_len={}",
-        bdf.slot,
+        bdf.label(),
         Where(Some(common)),
         Where(Some(notify)),
         caps.notify_multiplier,
