@@ -13,7 +13,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::config::{DiskConfig, FsConfig, NetConfig, VmConfig};
+use crate::config::{DiskConfig, FsConfig, NetConfig, VmConfig, VsockConfig};
 use crate::lifecycle::StopReason;
 use crate::vm::{ConsoleSummary, VmError};
 
@@ -97,6 +97,8 @@ pub enum NewDevice {
     Net(NetConfig),
     /// A virtio-fs share.
     Fs(FsConfig),
+    /// The virtio-vsock device (a VM has at most one).
+    Vsock(VsockConfig),
 }
 
 impl Command {

@@ -279,6 +279,11 @@ impl Vmm {
         match device {
             NewDevice::Disk(disk) => config.disks.push(disk),
             NewDevice::Fs(share) => config.fs.push(share),
+            NewDevice::Vsock(_) if config.vsock.is_some() => {
+                let why = "the VM already has a vsock device".to_string();
+                return Err(VmError::Config(crate::config::ConfigError::Invalid(why)));
+            }
+            NewDevice::Vsock(vsock) => config.vsock = Some(vsock),
             NewDevice::Net(mut net) => {
                 let index = config.net.len();
                 net.id.get_or_insert_with(|| format!("_net{index}"));

@@ -261,6 +261,7 @@ fn new_device(config: &VmConfig, field: &str) -> Result<NewDevice, BackendError>
         "disks" => NewDevice::Disk(config.disks.last().cloned().ok_or_else(missing)?),
         "net" => NewDevice::Net(config.net.last().cloned().ok_or_else(missing)?),
         "fs" => NewDevice::Fs(config.fs.last().cloned().ok_or_else(missing)?),
+        "vsock" => NewDevice::Vsock(config.vsock.clone().ok_or_else(missing)?),
         other => return Err(bad_config(format!("{other}: zvmm cannot add this device"))),
     })
 }
@@ -475,6 +476,18 @@ mod tests {
             NewDevice::Disk(config.disks[1].clone())
         );
         assert!(new_device(&config, "fs").is_err(), "no fs was added");
+    }
+
+    #[test]
+    fn an_added_vsock_is_the_new_device() {
+        let base = json!({"payload": {"kernel": "/k"}});
+        let added = with_device(base.clone(), "vsock", json!({"cid": 3, "socket": "/v"})).unwrap();
+        let config: VmConfig = serde_json::from_value(added).unwrap();
+        let vsock = config.vsock.clone().expect("the vsock joined the config");
+        assert_eq!(vsock.cid, 3);
+        assert_eq!(new_device(&config, "vsock").unwrap(), NewDevice::Vsock(vsock));
+        let none: VmConfig = serde_json::from_value(base).unwrap();
+        assert!(new_device(&none, "vsock").is_err(), "no vsock was added");
     }
 
     #[test]
