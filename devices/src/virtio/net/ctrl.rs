@@ -89,11 +89,13 @@ impl Ctrl {
             self.queue.disable_notification(mem)?;
             while let Some(chain) = self.queue.iter(mem)?.next() {
                 let head = chain.head_index();
-                let used_len = answer(chain, mem, pairs);
-                if head < self.queue.size() {
-                    self.queue.add_used(mem, head, used_len)?;
-                    self.used = true;
+                // A head beyond the queue: the driver broke the ring.
+                if head >= self.queue.size() {
+                    return Err(QueueError::InvalidDescriptorIndex);
                 }
+                let used_len = answer(chain, mem, pairs);
+                self.queue.add_used(mem, head, used_len)?;
+                self.used = true;
             }
             if !self.queue.enable_notification(mem)? {
                 return Ok(());

@@ -271,10 +271,11 @@ impl Rx {
 }
 
 /// Returns chain `head` with `len` bytes written; a head index beyond the
-/// queue names no descriptor, so there is nothing to return.
+/// queue names no descriptor: the driver broke the ring, the queue stops
+/// (and the device needs a reset).
 fn add_used(queue: &mut Queue, mem: &GuestMemory, head: u16, len: u32) -> Result<(), QueueError> {
     if head >= queue.size() {
-        return Ok(());
+        return Err(QueueError::InvalidDescriptorIndex);
     }
     queue.add_used(mem, head, len)
 }
@@ -353,6 +354,24 @@ mod tests {
         assert!(f.rx.used);
         assert_eq!(f.count(|c| &c.rx_frames), 1);
         assert_eq!(f.count(|c| &c.rx_bytes), payload.len() as u64);
+    }
+
+    #[test]
+    fn a_head_index_beyond_the_queue_breaks_the_queue() {
+        let mem = memory();
+        let mut f = Fixture::new(&mem, false);
+        f.post(&[w(DATA, 1600)]);
+        // Avail entry 0 names descriptor 200 of a 16-entry queue.
+        f.vq.set_avail_entry(0, 200);
+        let bytes = frame(&[1; 60]);
+        f.rx.buffer_mut()[..bytes.len()].copy_from_slice(&bytes);
+        f.rx.set_pending(bytes.len());
+        let result = f.rx.deliver(f.mem, &f.counters);
+        assert!(
+            matches!(result, Err(QueueError::InvalidDescriptorIndex)),
+            "{result:?}"
+        );
+        assert_eq!(f.vq.used_idx(), 0);
     }
 
     #[test]

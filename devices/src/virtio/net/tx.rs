@@ -92,6 +92,13 @@ impl Tx {
         counters: &PairCounters,
     ) -> Result<(), QueueError> {
         let head = chain.head_index();
+        // A head index beyond the queue names no descriptor: the driver
+        // broke the ring and would wait for it forever, so the queue stops
+        // and the device needs a reset.
+        if head >= self.queue.size() {
+            bump(&counters.tx_dropped, 1);
+            return Err(QueueError::InvalidDescriptorIndex);
+        }
         match self.gather(chain, mem) {
             Ok(len) => {
                 // SAFETY: `gather` filled the iovecs from guest memory slices
@@ -107,11 +114,8 @@ impl Tx {
             Err(_) => bump(&counters.tx_dropped, 1),
         }
         self.iovecs.0.clear();
-        // A head index beyond the queue names no descriptor: nothing to return.
-        if head < self.queue.size() {
-            self.queue.add_used(mem, head, 0)?;
-            self.used = true;
-        }
+        self.queue.add_used(mem, head, 0)?;
+        self.used = true;
         Ok(())
     }
 
@@ -366,13 +370,18 @@ mod tests {
     }
 
     #[test]
-    fn a_head_index_beyond_the_queue_is_dropped_without_a_used_entry() {
+    fn a_head_index_beyond_the_queue_breaks_the_queue_without_a_used_entry() {
         let mem = memory();
         let mut f = Fixture::new(&mem, TxOffloads::default());
         // Avail entry 0 names descriptor 200 of a 64-entry queue.
         f.post(&[r(DATA, 62)]);
         f.vq.set_avail_entry(0, 200);
-        assert!(!f.process(64));
+        let tap = f.taps.queue(0).unwrap().clone();
+        let result = f.tx.process(f.mem, &tap, &f.counters, 64);
+        assert!(
+            matches!(result, Err(QueueError::InvalidDescriptorIndex)),
+            "{result:?}"
+        );
         assert_eq!(f.count(|c| &c.tx_dropped), 1);
         assert_eq!(f.vq.used_idx(), 0);
     }
