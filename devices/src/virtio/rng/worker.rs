@@ -7,7 +7,7 @@ use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
-use std::thread::{self, JoinHandle};
+use std::thread::JoinHandle;
 
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{GuestMemoryBackend, Permissions, ReadVolatile, VolatileSlice};
@@ -77,9 +77,7 @@ pub(crate) struct Worker {
 impl Worker {
     /// Starts the thread `name`; it returns the queue eventfd when stopped.
     pub fn spawn(self, name: String) -> io::Result<JoinHandle<EventFd>> {
-        thread::Builder::new()
-            .name(name.clone())
-            .spawn(move || self.run(&name))
+        crate::virtio::thread::spawn(name.clone(), move || self.run(&name))
     }
 
     fn run(mut self, name: &str) -> EventFd {
@@ -147,6 +145,14 @@ impl Worker {
                 break Progress::Drained;
             };
             let head = chain.head_index();
+            // A head index beyond the queue names no descriptor: the driver
+            // broke the ring and would wait for that request forever.
+            if head >= queue.size() {
+                bump(&counters.invalid_requests, 1);
+                return Err(WorkerError::Queue(
+                    virtio_queue::Error::InvalidDescriptorIndex,
+                ));
+            }
             let len = match fill(source, counters, mem, chain) {
                 Fill::Done(len) => {
                     bump(&counters.requests, 1);
@@ -162,12 +168,8 @@ impl Worker {
                     break Progress::SourceEmpty;
                 }
             };
-            // A head index beyond the queue names no descriptor; there is
-            // nothing to return for it.
-            if head < queue.size() {
-                queue.add_used(&*mem, head, len)?;
-                used = true;
-            }
+            queue.add_used(&*mem, head, len)?;
+            used = true;
         };
         if used && self.queue.needs_notification(&self.mem)? {
             self.interrupt
@@ -397,6 +399,26 @@ mod tests {
         assert_eq!(bytes_at(&mem, DATA, 8), b"entropy!");
         stop.write(1).unwrap();
         thread.join().unwrap();
+    }
+
+    #[test]
+    fn a_head_index_beyond_the_queue_breaks_the_ring() {
+        let mem = memory();
+        let queue = mock_queue(&mem, 0, 16);
+        queue.add_desc_chains(&raw(&[w(DATA, 64)], 0), 0);
+        queue.set_avail_entry(0, 200);
+        let mut worker = worker(&mem, &queue, urandom());
+        let result = worker.process_queue();
+        assert!(
+            matches!(
+                result,
+                Err(WorkerError::Queue(
+                    virtio_queue::Error::InvalidDescriptorIndex
+                ))
+            ),
+            "{result:?}"
+        );
+        assert_eq!(queue.used_idx(), 0);
     }
 
     #[test]
