@@ -11,9 +11,10 @@
 //! threads found by name, `vmm.shutdown`. Every JSON answer is checked
 //! against cloud-hypervisor's OpenAPI spec; the transcript is printed.
 //!
-//! Kata puts its virtio-fs share on PCI segment 1 of 2; zvmm serves
-//! segment 0 only, so that body is checked to be refused by name and the
-//! share sent on segment 0 (as is a balloon, which zvmm lacks).
+//! Kata puts its virtio-fs share on PCI segment 1 of 2 (served: see
+//! `zvmm_pci_segments.rs`); here a share on segment 2 of 2 is checked to
+//! be refused by name and the share sent on segment 0 (as is a balloon,
+//! which zvmm lacks).
 
 use std::os::fd::AsRawFd;
 use std::process::Command;
@@ -155,7 +156,7 @@ fn kata_containers_sequence_with_tap_fds_over_scm_rights() {
     let mut with_balloon = kata_vm_config(&dir, &fs_socket, 0);
     with_balloon["balloon"] = json!({"size": 0, "deflate_on_oom": false});
     for (named, body) in [
-        refused("fs[0].pci_segment=1", kata_vm_config(&dir, &fs_socket, 1)),
+        refused("pci_segment=2", kata_vm_config(&dir, &fs_socket, 2)),
         refused("balloon", with_balloon),
     ] {
         let answer = call(&mut log, &mut pool, "PUT", "vm.create", &body, &[]);

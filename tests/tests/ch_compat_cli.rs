@@ -291,7 +291,7 @@ fn cloud_hypervisor_values_zvmm_cannot_honour_are_refused_by_name() {
         (vec!["--cpus", "boot=1,kvm_hyperv=on"], "Hyper-V"),
         (
             vec!["--fs", "tag=a,socket=/s,pci_segment=1"],
-            "PCI segments",
+            "pci_segment=1, but the VM has 1 PCI segment",
         ),
         (vec!["--seccomp", "maybe"], "seccomp"),
     ] {

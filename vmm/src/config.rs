@@ -219,8 +219,8 @@ impl MemoryConfig {
 /// Platform-wide settings (cloud-hypervisor's `platform`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PlatformConfig {
-    /// PCI segments the agent asks for; every device sits on segment 0
-    /// (a device on another segment is refused).
+    /// PCI segments, each its own host bridge (ECAM, memory windows);
+    /// devices choose theirs with `pci_segment`.
     #[serde(default = "one_segment")]
     pub num_pci_segments: u16,
 }
@@ -230,7 +230,7 @@ fn one_segment() -> u16 {
 }
 
 /// Most PCI segments cloud-hypervisor accepts.
-pub const MAX_PCI_SEGMENTS: u16 = 16;
+pub const MAX_PCI_SEGMENTS: u16 = loader::layout::MAX_PCI_SEGMENTS;
 
 impl Default for PlatformConfig {
     fn default() -> Self {
@@ -250,6 +250,43 @@ impl PlatformConfig {
         }
         Ok(())
     }
+}
+
+/// cloud-hypervisor's `--platform` keys zvmm does not model, with the only
+/// value each accepts (its default) and what zvmm lacks for others.
+const PLATFORM_DEFAULTS: &[(&str, &[&str], &str)] = &[
+    ("iommu_segments", &["[]", ""], "a virtual IOMMU"),
+    ("iommu_address_width", &[], "a virtual IOMMU"),
+    ("serial_number", &[], "SMBIOS tables"),
+    ("uuid", &[], "SMBIOS tables"),
+    ("oem_strings", &["[]", ""], "SMBIOS tables"),
+    ("tdx", &["off", "false"], "TDX confidential guests"),
+    ("sev_snp", &["off", "false"], "SEV-SNP confidential guests"),
+];
+
+/// Parses `--platform num_pci_segments=N` (cloud-hypervisor's option);
+/// its other keys are accepted at their defaults and refused by name
+/// otherwise.
+pub fn parse_platform(input: &str) -> Result<PlatformConfig, ConfigError> {
+    let mut keys = vec!["num_pci_segments"];
+    keys.extend(PLATFORM_DEFAULTS.iter().map(|(key, _, _)| *key));
+    let options = OptionParser::parse("platform", &keys, input)?;
+    for (key, accepted, lacks) in PLATFORM_DEFAULTS {
+        let Some(value) = options.get(key) else {
+            continue;
+        };
+        if !accepted.contains(&value.trim().to_ascii_lowercase().as_str()) {
+            let why = match accepted.first() {
+                Some(default) => format!("zvmm has no {lacks}; accepted: {default}"),
+                None => format!("zvmm has no {lacks}; leave it out"),
+            };
+            return Err(options.bad_value(key, value, &why));
+        }
+    }
+    let segments = options.number("num_pci_segments")?.unwrap_or(1);
+    Ok(PlatformConfig {
+        num_pci_segments: segments,
+    })
 }
 
 /// What the vCPUs start executing (cloud-hypervisor's `payload`).
@@ -407,6 +444,9 @@ pub struct DiskConfig {
     /// Device identifier, unique in the VM.
     #[serde(default)]
     pub id: Option<String>,
+    /// PCI segment of the disk (below `platform.num_pci_segments`).
+    #[serde(default)]
+    pub pci_segment: u16,
 }
 
 /// Longest serial virtio-blk can return.
@@ -506,6 +546,7 @@ impl VmConfig {
             crate::watch::compile(option, patterns).map_err(|e| invalid(e.one_line()))?;
         }
         self.validate_disks()?;
+        self.validate_segments()?;
         net::validate_nets(&self.net)?;
         fs::validate_fs(&self.fs)?;
         rng::validate_rng(&self.rng)?;
@@ -543,6 +584,36 @@ impl VmConfig {
             );
         }
         notes
+    }
+
+    /// Refuses, by name, a device on a PCI segment the VM does not have.
+    fn validate_segments(&self) -> Result<(), ConfigError> {
+        let segments = self.platform.num_pci_segments;
+        let disks = self.disks.iter().map(|d| {
+            let label = format!("--disk path={}", d.path.display());
+            (label, d.pci_segment)
+        });
+        let nets = self
+            .net
+            .iter()
+            .map(|n| (format!("--net {}", n.label()), n.pci_segment));
+        let shares = self
+            .fs
+            .iter()
+            .map(|f| (format!("--fs {}", f.label()), f.pci_segment));
+        let vsock = self
+            .vsock
+            .iter()
+            .map(|v| (format!("--vsock {}", v.label()), v.pci_segment));
+        let mut devices = disks.chain(nets).chain(shares).chain(vsock);
+        match devices.find(|(_, segment)| *segment >= segments) {
+            Some((label, segment)) => Err(invalid(format!(
+                "{label}: pci_segment={segment}, but the VM has {segments} PCI segment(s) \
+                 (--platform num_pci_segments={} or more)",
+                segment + 1
+            ))),
+            None => Ok(()),
+        }
     }
 
     fn validate_disks(&self) -> Result<(), ConfigError> {
@@ -767,6 +838,7 @@ pub fn parse_disk(input: &str) -> Result<DiskConfig, ConfigError> {
         "backing_files",
         "serial",
         "id",
+        "pci_segment",
     ];
     let options = OptionParser::parse("disk", &keys, input)?;
     let path = match options.get("path") {
@@ -791,6 +863,7 @@ pub fn parse_disk(input: &str) -> Result<DiskConfig, ConfigError> {
         backing_files: options.toggle("backing_files")?,
         serial: options.get("serial").map(String::from),
         id: options.get("id").map(String::from),
+        pci_segment: options.number("pci_segment")?.unwrap_or(0),
     })
 }
 
@@ -914,6 +987,84 @@ mod tests {
         let parsed: VmConfig =
             serde_json::from_str(r#"{"platform": {"num_pci_segments": 2}}"#).unwrap();
         assert_eq!(parsed.platform.num_pci_segments, 2);
+    }
+
+    #[test]
+    fn platform_option_parses_segments_and_refuses_what_zvmm_lacks() {
+        assert_eq!(
+            parse_platform("num_pci_segments=4")
+                .unwrap()
+                .num_pci_segments,
+            4
+        );
+        assert_eq!(
+            parse_platform("tdx=off,sev_snp=false").unwrap(),
+            PlatformConfig::default()
+        );
+        assert_eq!(
+            parse_platform("num_pci_segments=2,iommu_segments=[]")
+                .unwrap()
+                .num_pci_segments,
+            2
+        );
+        let err = |input: &str| parse_platform(input).unwrap_err().to_string();
+        assert!(err("num_pci_segments=x").contains("'num_pci_segments'"));
+        assert!(err("num_pci_segments=-1").contains("a number"));
+        assert_eq!(
+            err("tdx=on"),
+            "--platform: bad value 'on' for 'tdx': zvmm has no TDX confidential guests; accepted: off"
+        );
+        assert!(err("iommu_segments=[1]").contains("virtual IOMMU"));
+        assert!(err("uuid=1234").contains("SMBIOS"));
+        assert!(err("frobs=1").contains("unknown key 'frobs'"));
+        let mut config = bootable();
+        config.platform = parse_platform("num_pci_segments=17").unwrap();
+        assert_eq!(
+            config.validate().unwrap_err().to_string(),
+            "platform: num_pci_segments=17; give 1 to 16"
+        );
+    }
+
+    #[test]
+    fn devices_name_an_existing_segment() {
+        let mut config = bootable();
+        config
+            .disks
+            .push(parse_disk("path=/a,pci_segment=0").unwrap());
+        config
+            .fs
+            .push(parse_fs("tag=k,socket=/s,pci_segment=1").unwrap());
+        assert_eq!(config.fs[0].pci_segment, 1);
+        assert_eq!(
+            config.validate().unwrap_err().to_string(),
+            "--fs tag=k,socket=/s: pci_segment=1, but the VM has 1 PCI segment(s) \
+             (--platform num_pci_segments=2 or more)"
+        );
+        config.platform.num_pci_segments = 2;
+        assert_eq!(config.validate(), Ok(()));
+        config.net.push(parse_net("tap=t0,pci_segment=2").unwrap());
+        assert!(config
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .starts_with("--net tap=t0: pci_segment=2"));
+        config.net.clear();
+        config.vsock = Some(parse_vsock("cid=3,socket=/v,pci_segment=5").unwrap());
+        assert!(config
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("pci_segment=5"));
+        config.vsock = None;
+        config.disks[0].pci_segment = 7;
+        assert!(config
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .starts_with("--disk path=/a: pci_segment=7"));
+        let json: DiskConfig = serde_json::from_str(r#"{"path":"/a","pci_segment":1}"#).unwrap();
+        assert_eq!(json.pci_segment, 1);
+        assert!(parse_disk("path=/a,pci_segment=x").is_err());
     }
 
     #[test]

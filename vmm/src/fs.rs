@@ -115,6 +115,7 @@ pub fn start_shares(
             counters_name: id,
             device: Box::new(device),
             ioeventfds: true,
+            pci_segment: share.pci_segment,
         });
     }
     Ok((attachments, daemons))

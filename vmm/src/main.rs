@@ -153,6 +153,11 @@ struct VmArgs {
     /// guest connections to host port P go to the Unix socket PATH_P.
     #[arg(long, value_name = "cid=N,socket=PATH")]
     vsock: Option<String>,
+    /// Platform (cloud-hypervisor's option): `num_pci_segments=N`, 1 to 16
+    /// PCI segments, each its own host bridge with its own ECAM and memory
+    /// windows; a device picks one with `pci_segment=S` [default: 1].
+    #[arg(long, value_name = "num_pci_segments=N")]
+    platform: Option<String>,
     /// Create KVM's in-kernel i8254 PIT (ports 0x40-0x43), for guests or
     /// firmware that program it. Off by default: zvmm's ACPI is
     /// hardware-reduced and Linux does not use a PIT there.
@@ -297,7 +302,10 @@ impl VmArgs {
                 .as_deref()
                 .map(vmm::cloud_init::parse_cloud_init)
                 .transpose()?,
-            platform: config::PlatformConfig::default(),
+            platform: match &self.platform {
+                Some(platform) => config::parse_platform(platform)?,
+                None => config::PlatformConfig::default(),
+            },
             rng: match &self.rng {
                 Some(rng) => config::parse_rng(&ch("rng", rng)?)?,
                 None => config::RngConfig::default(),

@@ -1,7 +1,10 @@
-//! The PCI side of the machine: the root bus with its host bridge, one
-//! virtio-pci function per virtio device — attached by one generic path,
-//! whatever the device — and their KVM plumbing: config access on ports
-//! 0xCF8/0xCFC and the ECAM window, BAR windows on the MMIO bus, an
+//! The PCI side of the machine: one root bus with its host bridge per PCI
+//! segment (`platform.num_pci_segments`, each with its own ECAM and memory
+//! windows, `loader::layout::pci_segment_windows`), one virtio-pci
+//! function per virtio device on the segment it names — attached by one
+//! generic path, whatever the device — and their KVM plumbing: config
+//! access on ports 0xCF8/0xCFC (segment 0 only, as on real machines) and
+//! each segment's ECAM window, BAR windows on the MMIO bus, an
 //! ioeventfd per queue notify address (kicks never reach user space, and
 //! follow the guest's BAR moves), and MSI-X vectors routed through KVM GSI
 //! routes and irqfds.
@@ -36,13 +39,31 @@ pub enum PciSetupError {
         source: devices::pci::VirtioPciError,
     },
     /// No PCI slot or BAR space left.
-    #[error("{name}: cannot place it on the PCI bus (at most 31 devices)")]
+    #[error("{name}: cannot place it on PCI segment {segment} (at most 31 devices per segment)")]
     Placement {
         /// The device.
         name: String,
+        /// The segment it asked for.
+        segment: u16,
         /// Why.
         #[source]
         source: devices::pci::PciError,
+    },
+    /// A segment count outside 1..=16.
+    #[error("{segments} PCI segments: zvmm serves 1 to 16")]
+    Segments {
+        /// The count asked for.
+        segments: u16,
+    },
+    /// A device names a segment the VM does not have.
+    #[error("{name}: pci_segment={segment}, but the VM has {segments} PCI segment(s) (platform num_pci_segments)")]
+    NoSuchSegment {
+        /// The device.
+        name: String,
+        /// The segment it asked for.
+        segment: u16,
+        /// Segments the VM has.
+        segments: u16,
     },
     /// KVM refused an ioeventfd.
     #[error("KVM refused a queue notification eventfd")]
@@ -65,6 +86,8 @@ pub struct VirtioAttachment {
     /// this kind of host (docs/DESIGN.md), so a device whose kicks are
     /// rare (virtio-rng) takes them as MMIO exits forwarded in software.
     pub ioeventfds: bool,
+    /// The PCI segment it goes on (`pci_segment`).
+    pub pci_segment: u16,
 }
 
 /// One queue's kick eventfd and where its notify register sits in BAR 0.
@@ -74,14 +97,52 @@ struct Doorbell {
     eventfd: EventFd,
 }
 
-/// The PCI root of one VM boot.
+/// The PCI roots of one VM boot.
 pub struct PciPlatform {
-    /// The root bus, shared with the bus windows.
-    pub root: Arc<Mutex<PciRoot>>,
-    /// The host bridge for the ACPI tables.
-    pub acpi: PlatformDevice,
-    /// Each attached device's counters name and PCI slot.
-    pub slots: Vec<(String, u8)>,
+    /// The devices, for their counters.
+    pub devices: PciDevices,
+    /// One host bridge per segment for the ACPI tables.
+    pub acpi: Vec<PlatformDevice>,
+}
+
+/// Every segment's root bus (shared with the bus windows) and where each
+/// attached device sits.
+pub struct PciDevices {
+    roots: Vec<Arc<Mutex<PciRoot>>>,
+    /// Each attached device's counters name, segment and slot.
+    slots: Vec<(String, u16, u8)>,
+}
+
+impl PciDevices {
+    /// Each attached device's counters name and counters, in slot order.
+    pub fn counters(&self) -> Vec<(String, Vec<(&'static str, u64)>)> {
+        self.slots
+            .iter()
+            .map(|(name, segment, slot)| {
+                let counters = self.roots.get(usize::from(*segment)).map(|root| {
+                    let root = root.lock().unwrap_or_else(|p| p.into_inner());
+                    root.counters(*slot)
+                });
+                (name.clone(), counters.unwrap_or_default())
+            })
+            .collect()
+    }
+
+    /// Where the device with counters name `name` sits: (segment, slot).
+    pub fn address(&self, name: &str) -> Option<(u16, u8)> {
+        self.slots
+            .iter()
+            .find(|(n, _, _)| n == name)
+            .map(|(_, segment, slot)| (*segment, *slot))
+    }
+}
+
+/// One segment while devices are attached.
+struct Segment {
+    root: PciRoot,
+    allocator: BarAllocator,
+    doorbells: Vec<Doorbell>,
+    windows: layout::PciSegmentWindows,
 }
 
 /// What attaching needs from the VM.
@@ -96,84 +157,122 @@ pub struct PciContext<'a> {
     pub ram_size: u64,
     /// Bytes kept free above RAM for memory hotplug (below the window).
     pub hotplug_size: u64,
+    /// PCI segments (1..=16), each its own host bridge.
+    pub pci_segments: u16,
 }
 
-/// Builds the PCI root with one virtio-pci function per device, in order
-/// (slot 1 up; slot 0 is the host bridge), and puts its windows on the
-/// buses.
+/// Builds one PCI root per segment with one virtio-pci function per
+/// device, in order on the segment each names (slot 1 up; slot 0 is the
+/// host bridge), and puts their windows on the buses.
 pub fn create_pci(
     context: &PciContext<'_>,
     devices: Vec<VirtioAttachment>,
     pio: &mut Bus,
     mmio: &mut Bus,
 ) -> Result<PciPlatform, PciSetupError> {
-    let mmio64_start = layout::pci_mmio64_start_above(context.ram_size, context.hotplug_size);
-    let mut allocator = BarAllocator::new(
-        layout::PCI_MMIO32_START,
-        layout::PCI_MMIO32_SIZE,
-        mmio64_start,
-        layout::PCI_MMIO64_SIZE,
-    );
-    let mut root = PciRoot::new();
-    let mut doorbells = Vec::new();
+    let mut segments: Vec<Segment> = (0..context.pci_segments)
+        .map(|index| new_segment(context, index))
+        .collect::<Result<_, _>>()?;
     let mut slots = Vec::with_capacity(devices.len());
     for attachment in devices {
         let name = attachment.counters_name.clone();
-        let slot = add_virtio(
-            context,
-            attachment,
-            &mut root,
-            &mut allocator,
-            &mut doorbells,
-        )?;
-        slots.push((name, slot));
+        let index = attachment.pci_segment;
+        let Some(segment) = segments.get_mut(usize::from(index)) else {
+            return Err(PciSetupError::NoSuchSegment {
+                name: attachment.label,
+                segment: index,
+                segments: context.pci_segments,
+            });
+        };
+        let slot = add_virtio(context, attachment, segment)?;
+        slots.push((name, index, slot));
     }
+    let mut roots = Vec::with_capacity(segments.len());
+    let mut acpi = Vec::with_capacity(segments.len());
+    for (index, segment) in (0u16..).zip(segments) {
+        acpi.push(host_bridge(index, &segment.windows));
+        roots.push(attach_segment(context, index, segment, pio, mmio)?);
+    }
+    Ok(PciPlatform {
+        devices: PciDevices { roots, slots },
+        acpi,
+    })
+}
+
+/// An empty segment: its host bridge and BAR allocator over its windows.
+fn new_segment(context: &PciContext<'_>, index: u16) -> Result<Segment, PciSetupError> {
+    let segments = context.pci_segments;
+    let (ram_size, hotplug_size) = (context.ram_size, context.hotplug_size);
+    let windows = layout::pci_segment_windows(index, segments, ram_size, hotplug_size)
+        .ok_or(PciSetupError::Segments { segments })?;
+    let allocator = BarAllocator::new(
+        windows.mmio32.0,
+        windows.mmio32.1,
+        windows.mmio64.0,
+        windows.mmio64.1,
+    );
+    Ok(Segment {
+        root: PciRoot::new(),
+        allocator,
+        doorbells: Vec::new(),
+        windows,
+    })
+}
+
+/// Puts `segment`'s config and memory windows on the buses (the 0xCF8
+/// ports only for segment 0) and returns its shared root.
+fn attach_segment(
+    context: &PciContext<'_>,
+    index: u16,
+    segment: Segment,
+    pio: &mut Bus,
+    mmio: &mut Bus,
+) -> Result<Arc<Mutex<PciRoot>>, PciSetupError> {
+    let Segment {
+        mut root,
+        doorbells,
+        windows,
+        ..
+    } = segment;
     root.set_bar_observer(Box::new(
         DoorbellMover {
             vm: context.vm.clone(),
+            segment: index,
             doorbells,
         }
         .into_observer(),
     ));
     let root = Arc::new(Mutex::new(root));
-    pio.insert(
-        Arc::new(Mutex::new(PciConfigIo::new(root.clone()))),
-        u64::from(layout::ports::PCI_CONFIG),
-        CONFIG_IO_LEN,
-    )?;
+    if index == 0 {
+        pio.insert(
+            Arc::new(Mutex::new(PciConfigIo::new(root.clone()))),
+            u64::from(layout::ports::PCI_CONFIG),
+            CONFIG_IO_LEN,
+        )?;
+    }
+    let (ecam_start, ecam_size) = windows.ecam;
     mmio.insert(
         Arc::new(Mutex::new(PciConfigMmio::new(root.clone()))),
-        layout::PCI_ECAM_START,
-        layout::PCI_ECAM_SIZE,
+        ecam_start,
+        ecam_size,
     )?;
-    for (start, size) in [
-        (layout::PCI_MMIO32_START, layout::PCI_MMIO32_SIZE),
-        (mmio64_start, layout::PCI_MMIO64_SIZE),
-    ] {
+    for (start, size) in [windows.mmio32, windows.mmio64] {
         let window = PciMmioWindow::new(root.clone(), start);
         mmio.insert(Arc::new(Mutex::new(window)), start, size)?;
     }
-    Ok(PciPlatform {
-        root,
-        acpi: host_bridge(mmio64_start),
-        slots,
-    })
+    Ok(root)
 }
 
-fn host_bridge(mmio64_start: u64) -> PlatformDevice {
+/// The ACPI host bridge of segment `segment`: bus 0 only.
+fn host_bridge(segment: u16, windows: &layout::PciSegmentWindows) -> PlatformDevice {
+    let range = |(start, size): (u64, u64)| AddressRange { start, size };
     PlatformDevice::PciHostBridge(PciHostBridge {
-        segment: 0,
-        ecam_start: layout::PCI_ECAM_START,
+        segment,
+        ecam_start: windows.ecam.0,
         bus_start: 0,
         bus_end: 0,
-        mmio32: AddressRange {
-            start: layout::PCI_MMIO32_START,
-            size: layout::PCI_MMIO32_SIZE,
-        },
-        mmio64: Some(AddressRange {
-            start: mmio64_start,
-            size: layout::PCI_MMIO64_SIZE,
-        }),
+        mmio32: range(windows.mmio32),
+        mmio64: Some(range(windows.mmio64)),
         io: None,
     })
 }
@@ -184,10 +283,9 @@ fn host_bridge(mmio64_start: u64) -> PlatformDevice {
 fn add_virtio(
     context: &PciContext<'_>,
     attachment: VirtioAttachment,
-    root: &mut PciRoot,
-    allocator: &mut BarAllocator,
-    doorbells: &mut Vec<Doorbell>,
+    segment: &mut Segment,
 ) -> Result<u8, PciSetupError> {
+    let pci_segment = attachment.pci_segment;
     let VirtioAttachment {
         label,
         device,
@@ -215,13 +313,16 @@ fn add_virtio(
         })?;
         kicks.push((offset, eventfd));
     }
-    let slot = root
-        .add_device(Box::new(function), allocator)
+    let slot = segment
+        .root
+        .add_device(Box::new(function), &mut segment.allocator)
         .map_err(|source| PciSetupError::Placement {
             name: label.clone(),
+            segment: pci_segment,
             source,
         })?;
-    let bar = root
+    let bar = segment
+        .root
         .bar(slot, VIRTIO_BAR)
         .map(|(addr, _)| addr)
         .unwrap_or(0);
@@ -230,7 +331,7 @@ fn add_virtio(
             .vm
             .register_ioevent(&eventfd, &IoEventAddress::Mmio(bar + offset), NoDatamatch)
             .map_err(PciSetupError::IoEvent)?;
-        doorbells.push(Doorbell {
+        segment.doorbells.push(Doorbell {
             slot,
             offset,
             eventfd,
@@ -242,6 +343,7 @@ fn add_virtio(
 /// Moves queue ioeventfds when the guest moves a virtio BAR.
 struct DoorbellMover {
     vm: Arc<VmFd>,
+    segment: u16,
     doorbells: Vec<Doorbell>,
 }
 
@@ -267,8 +369,8 @@ impl DoorbellMover {
             {
                 // The transport still forwards notify writes in software.
                 eprintln!(
-                    "zvmm: PCI slot {}: kicks take the slow path: {e}",
-                    moved.slot
+                    "zvmm: PCI segment {} slot {}: kicks take the slow path: {e}",
+                    self.segment, moved.slot
                 );
             }
         }

@@ -73,6 +73,7 @@ pub fn virtio_devices(
             counters_name: disk.id.clone().unwrap_or_else(|| format!("_disk{index}")),
             device: Box::new(block),
             ioeventfds: true,
+            pci_segment: disk.pci_segment,
         });
     }
     for ((id, net), config) in nets.devices()?.into_iter().zip(&config.net) {
@@ -81,6 +82,7 @@ pub fn virtio_devices(
             counters_name: id,
             device: Box::new(net),
             ioeventfds: true,
+            pci_segment: config.pci_segment,
         });
     }
     Ok(devices)
@@ -108,6 +110,7 @@ pub fn trailing_devices(config: &VmConfig) -> Result<Vec<VirtioAttachment>, Devi
             counters_name: id,
             device: Box::new(device),
             ioeventfds: true,
+            pci_segment: vsock.pci_segment,
         });
     }
     let src = config.rng.src.display().to_string();
@@ -125,6 +128,7 @@ pub fn trailing_devices(config: &VmConfig) -> Result<Vec<VirtioAttachment>, Devi
         device: Box::new(rng),
         // Rare kicks: no ioeventfd, so a VM pays no teardown wait for it.
         ioeventfds: false,
+        pci_segment: 0,
     });
     Ok(devices)
 }
@@ -167,6 +171,7 @@ mod tests {
             backing_files: None,
             serial: None,
             id: None,
+            pci_segment: 0,
         }
     }
 

@@ -37,7 +37,7 @@ use crate::interrupts::{InterruptRouting, IoApicPins};
 use crate::lifecycle::{Lifecycle, StopReason};
 use crate::memory::{create_guest_ram, register_guest_ram, GuestRam};
 use crate::net::NetBackends;
-use crate::pci::{create_pci, PciContext};
+use crate::pci::{create_pci, PciContext, PciDevices};
 use crate::platform::{create_interrupt_controllers, create_platform, IrqchipMode, Platform};
 use crate::regs::{self, EntryMode};
 use crate::signals;
@@ -522,8 +522,7 @@ struct Machine {
     mmio: Arc<Bus>,
     serial: Option<Arc<Mutex<devices::legacy::serial::Serial>>>,
     lifecycle: Arc<Lifecycle>,
-    pci_root: Arc<Mutex<devices::pci::PciRoot>>,
-    device_slots: Vec<(String, u8)>,
+    pci: PciDevices,
     power_button: Arc<Mutex<Ged>>,
     fs_daemons: FsDaemons,
 }
@@ -589,13 +588,14 @@ impl Machine {
             ram: &ram,
             ram_size,
             hotplug_size: config.memory.hotplug_size.unwrap_or(0),
+            pci_segments: config.platform.num_pci_segments,
         };
         let mut devices = virtio_devices(config, nets)?;
         let (shares, fs_daemons) = start_shares(config, &ram, lifecycle)?;
         devices.extend(shares);
         devices.extend(trailing_devices(config)?);
         let pci = create_pci(&context, devices, &mut platform.pio, &mut mmio)?;
-        platform.acpi.devices.push(pci.acpi);
+        platform.acpi.devices.extend(pci.acpi);
         let (kernel, boot_info) = load_payload(&ram, config, &platform.acpi)?;
         let vcpus =
             crate::kernel_time::timed("vCPU creation and set-up", || create_vcpus(kvm, &vm, cpus))?;
@@ -616,8 +616,7 @@ impl Machine {
             mmio: Arc::new(mmio),
             serial: platform.serial,
             lifecycle: lifecycle.clone(),
-            pci_root: pci.root,
-            device_slots: pci.slots,
+            pci: pci.devices,
             power_button,
             fs_daemons,
         })
@@ -636,8 +635,7 @@ impl Machine {
             serial: self.serial,
             pio: self.pio.clone(),
             mmio: self.mmio.clone(),
-            pci_root: self.pci_root,
-            device_slots: self.device_slots,
+            pci: self.pci,
             _fs_daemons: self.fs_daemons,
             power_button: self.power_button,
         };
@@ -759,10 +757,9 @@ struct RunningMachine {
     serial: Option<Arc<Mutex<devices::legacy::serial::Serial>>>,
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
-    pci_root: Arc<Mutex<devices::pci::PciRoot>>,
-    device_slots: Vec<(String, u8)>,
+    pci: PciDevices,
     power_button: Arc<Mutex<Ged>>,
-    // After `pci_root`: the devices disconnect before their daemons stop.
+    // After `pci`: the devices disconnect before their daemons stop.
     _fs_daemons: FsDaemons,
     _ram: GuestRam,
     _vm: Arc<VmFd>,
@@ -814,11 +811,9 @@ impl RunningMachine {
             entry.insert("unclaimed_reads".into(), reads);
             entry.insert("unclaimed_writes".into(), writes);
         }
-        let root = self.pci_root.lock().unwrap_or_else(|p| p.into_inner());
-        for (name, slot) in &self.device_slots {
-            let slot = *slot;
-            let entry = counters.entry(name.clone()).or_default();
-            for (counter, value) in root.counters(slot) {
+        for (name, device) in self.pci.counters() {
+            let entry = counters.entry(name).or_default();
+            for (counter, value) in device {
                 entry.insert(counter.to_string(), value);
             }
         }

@@ -124,7 +124,6 @@ const RULES: &[Rule] = &[
     rule("disks.*.vhost_user", is("false"), "vhost-user-blk"),
     rule("disks.*.vhost_socket", Absent, "vhost-user-blk"),
     rule("disks.*.rate_limiter_config", Absent, "I/O rate limiting"),
-    rule("disks.*.pci_segment", is("0"), "PCI segments other than 0"),
     rule("disks.*.pci_device_id", Absent, "choosing PCI slots"),
     rule("disks.*.rate_limit_group", Absent, "rate-limit groups"),
     rule("disks.*.queue_affinity", Empty, "queue affinity"),
@@ -140,7 +139,6 @@ const RULES: &[Rule] = &[
     rule("net.*.vhost_user", is("false"), "vhost-user-net"),
     rule("net.*.vhost_socket", Absent, "vhost-user-net"),
     rule("net.*.vhost_mode", is("\"Client\""), "vhost-user-net"),
-    rule("net.*.pci_segment", is("0"), "PCI segments other than 0"),
     rule("net.*.pci_device_id", Absent, "choosing PCI slots"),
     rule("net.*.rate_limiter_config", Absent, "network rate limiting"),
     rule("net.*.offload_tso", is("true"), "turning TSO off"),
@@ -154,7 +152,6 @@ const RULES: &[Rule] = &[
     rule("rng.pci_segment", is("0"), "PCI segments other than 0"),
     rule("rng.pci_device_id", Absent, "choosing PCI slots"),
     rule("balloon", Absent, "virtio-balloon"),
-    rule("fs.*.pci_segment", is("0"), "PCI segments other than 0"),
     rule("fs.*.pci_device_id", Absent, "choosing PCI slots"),
     rule("generic_vhost_user", Empty, "generic vhost-user devices"),
     rule("pmem", Empty, "virtio-pmem"),
@@ -472,7 +469,6 @@ const CLI_DEFAULTS: &[(&str, &str, &[&str], &str)] = &[
     ),
     ("disk", "vhost_user", &["off", "false"], "vhost-user-blk"),
     ("disk", "sparse", &["on", "true"], "fully allocated disks"),
-    ("disk", "pci_segment", &["0"], "PCI segments other than 0"),
     (
         "disk",
         "lock_granularity",
@@ -490,8 +486,6 @@ const CLI_DEFAULTS: &[(&str, &str, &[&str], &str)] = &[
         &["on", "true"],
         "turning checksum offload off",
     ),
-    ("net", "pci_segment", &["0"], "PCI segments other than 0"),
-    ("fs", "pci_segment", &["0"], "PCI segments other than 0"),
 ];
 
 /// `--OPTION INPUT` with cloud-hypervisor's default-valued keys that zvmm
@@ -566,10 +560,10 @@ mod tests {
             err,
             "--disk: bad value 'on' for 'direct': zvmm has no O_DIRECT disk I/O; accepted: off or false"
         );
-        let err = cli_option("fs", "tag=a,socket=/s,pci_segment=1").unwrap_err();
-        assert!(
-            err.to_string().contains("PCI segments other than 0"),
-            "{err}"
+        assert_eq!(
+            cli_option("fs", "tag=a,socket=/s,pci_segment=1").unwrap(),
+            "tag=a,socket=/s,pci_segment=1",
+            "modelled: checked against the VM's segments"
         );
         assert_eq!(
             cli_option("disk", "path=/a,bogus=1").unwrap(),
@@ -650,9 +644,15 @@ mod tests {
         let err = vm_config(body).unwrap_err().to_string();
         assert!(err.starts_with("disks[1].direct=true"), "{err}");
         let on_segment = with(&["net"], json!([{"tap": "t0", "pci_segment": 1}]));
-        let err = vm_config(on_segment).unwrap_err().to_string();
-        assert!(err.contains("net[0].pci_segment=1"), "{err}");
-        assert!(err.contains("PCI segments other than 0"), "{err}");
+        assert_eq!(vm_config(on_segment).unwrap().net[0].pci_segment, 1);
+        let mut kata = with(&["platform"], json!({"num_pci_segments": 2}));
+        kata["fs"] = json!([{"tag": "kataShared", "socket": "/s", "pci_segment": 1}]);
+        kata["disks"] = json!([{"path": "/a", "pci_segment": 1}]);
+        kata["vsock"] = json!({"cid": 3, "socket": "/v", "pci_segment": 1});
+        let config = vm_config(kata).unwrap();
+        assert_eq!(config.platform.num_pci_segments, 2);
+        assert_eq!(config.fs[0].pci_segment, 1);
+        assert_eq!(config.disks[0].pci_segment, 1);
         let defaults = with(
             &["net"],
             json!([{"tap": "t0", "vhost_user": false, "vhost_mode": "Client",

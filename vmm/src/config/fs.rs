@@ -40,6 +40,9 @@ pub struct FsConfig {
     /// Device identifier, unique in the VM (default `_fs<N>`).
     #[serde(default)]
     pub id: Option<String>,
+    /// PCI segment of the device (below `platform.num_pci_segments`).
+    #[serde(default)]
+    pub pci_segment: u16,
 }
 
 fn default_fs_queues() -> usize {
@@ -69,7 +72,15 @@ impl FsConfig {
 /// Parses one `--fs DIR`, `--fs tag=T,path=DIR` or `--fs tag=T,socket=S
 /// [,num_queues=N][,queue_size=Q][,id=ID]`.
 pub fn parse_fs(input: &str) -> Result<FsConfig, ConfigError> {
-    let keys = ["path", "tag", "socket", "num_queues", "queue_size", "id"];
+    let keys = [
+        "path",
+        "tag",
+        "socket",
+        "num_queues",
+        "queue_size",
+        "id",
+        "pci_segment",
+    ];
     let options = OptionParser::parse("fs", &keys, input)?;
     let path = options.get("path").map(PathBuf::from);
     let socket = options.get("socket").map(PathBuf::from);
@@ -93,6 +104,7 @@ pub fn parse_fs(input: &str) -> Result<FsConfig, ConfigError> {
             .number("queue_size")?
             .unwrap_or(DEFAULT_FS_QUEUE_SIZE),
         id: options.get("id").map(String::from),
+        pci_segment: options.number("pci_segment")?.unwrap_or(0),
     })
 }
 

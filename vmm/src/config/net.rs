@@ -50,6 +50,9 @@ pub struct NetConfig {
     /// Tap fds the caller opened and zvmm inherited, one per queue pair.
     #[serde(default)]
     pub fds: Option<Vec<i32>>,
+    /// PCI segment of the NIC (below `platform.num_pci_segments`).
+    #[serde(default)]
+    pub pci_segment: u16,
 }
 
 fn default_net_queues() -> usize {
@@ -71,6 +74,7 @@ impl Default for NetConfig {
             queue_size: DEFAULT_NET_QUEUE_SIZE,
             id: None,
             fds: None,
+            pci_segment: 0,
         }
     }
 }
@@ -121,6 +125,7 @@ pub fn parse_net(input: &str) -> Result<NetConfig, ConfigError> {
         "queue_size",
         "id",
         "fd",
+        "pci_segment",
     ];
     let options = OptionParser::parse("net", &keys, input)?;
     let address = |key: &str| -> Result<Option<Ipv4Addr>, ConfigError> {
@@ -146,6 +151,7 @@ pub fn parse_net(input: &str) -> Result<NetConfig, ConfigError> {
             .get("fd")
             .map(|value| parse_fds(value).map_err(|why| options.bad_value("fd", value, &why)))
             .transpose()?,
+        pci_segment: options.number("pci_segment")?.unwrap_or(0),
     };
     if config.tap.as_deref() == Some("") {
         return Err(options.bad_value("tap", "", "expected an interface name"));

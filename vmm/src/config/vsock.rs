@@ -30,7 +30,7 @@ pub struct VsockConfig {
     /// Device identifier (default `_vsock0`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
-    /// PCI segment (zvmm puts every device on segment 0).
+    /// PCI segment of the device (below `platform.num_pci_segments`).
     #[serde(default)]
     pub pci_segment: u16,
 }
@@ -85,12 +85,6 @@ pub(super) fn validate_vsock(vsock: &VsockConfig) -> Result<(), ConfigError> {
             "--vsock {label}: iommu=on needs a virtual IOMMU, which zvmm does not have"
         )));
     }
-    if vsock.pci_segment != 0 {
-        return Err(invalid(format!(
-            "--vsock {label}: pci_segment={}; zvmm puts every device on PCI segment 0",
-            vsock.pci_segment
-        )));
-    }
     let id = vsock.device_id();
     if id.is_empty() || id.len() > 64 || !id.chars().all(|c| c.is_ascii_graphic()) {
         return Err(invalid(format!(
@@ -137,7 +131,12 @@ mod tests {
         );
         assert!(check("cid=4294967295,socket=/v").contains("reserved"));
         assert!(check("cid=3,socket=/v,iommu=on").contains("IOMMU"));
-        assert!(check("cid=3,socket=/v,pci_segment=1").contains("segment 0"));
+        let on_segment_1 = parse_vsock("cid=3,socket=/v,pci_segment=1").unwrap();
+        assert_eq!(on_segment_1.pci_segment, 1);
+        assert!(
+            validate_vsock(&on_segment_1).is_ok(),
+            "checked against the VM's segments"
+        );
         assert!(check("cid=3,socket=/v,id=a b").contains("printable"));
     }
 
