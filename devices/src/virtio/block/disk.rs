@@ -334,6 +334,47 @@ impl DiskFile {
         Ok(())
     }
 
+    /// Reads like [`Self::read_at`] if every byte is in the page cache
+    /// already: one `preadv2(RWF_NOWAIT)`, which never waits for the
+    /// device. `false` when it would have to wait (or read short, or fail):
+    /// then `slices` hold anything and the caller reads with
+    /// [`Self::read_at`] on a thread that may block.
+    pub fn read_at_nowait<B: BitmapSlice>(&self, slices: &[VolatileSlice<B>], offset: u64) -> bool {
+        let (Ok(pos), true) = (i64::try_from(offset), slices.len() <= IOV_MAX) else {
+            return false;
+        };
+        let guards: Vec<_> = slices.iter().map(|s| s.ptr_guard_mut()).collect();
+        let iovecs: Vec<libc::iovec> = guards
+            .iter()
+            .map(|g| libc::iovec {
+                iov_base: g.as_ptr().cast(),
+                iov_len: g.len(),
+            })
+            .collect();
+        let want: usize = iovecs.iter().map(|iov| iov.iov_len).sum();
+        // At most IOV_MAX iovecs, so the cast is lossless.
+        let count = iovecs.len() as libc::c_int;
+        // SAFETY: each iovec covers exactly one live VolatileSlice of guest
+        // memory (kept mapped by `guards`), writable for its whole length;
+        // fd is our open file.
+        let done = unsafe {
+            libc::preadv2(
+                self.file.as_raw_fd(),
+                iovecs.as_ptr(),
+                count,
+                pos,
+                libc::RWF_NOWAIT,
+            )
+        };
+        if usize::try_from(done).ok() != Some(want) {
+            return false;
+        }
+        for slice in slices {
+            slice.bitmap().mark_dirty(0, slice.len());
+        }
+        true
+    }
+
     /// Writes the bytes of `slices` at `offset`.
     pub fn write_at<B: BitmapSlice>(
         &self,

@@ -291,6 +291,16 @@ impl DiskImage {
         }
     }
 
+    /// Reads like [`Self::read_at`] without waiting for the device, when
+    /// a raw image's bytes are all in the page cache; `false` otherwise
+    /// (always for qcow2), and then nothing is read for sure.
+    pub fn read_at_nowait<B: BitmapSlice>(&self, slices: &[VolatileSlice<B>], offset: u64) -> bool {
+        match &self.backend {
+            Backend::Raw(raw) => raw.read_at_nowait(slices, offset),
+            Backend::Qcow2(_) => false,
+        }
+    }
+
     /// Writes the bytes of `slices` at `offset`.
     pub fn write_at<B: BitmapSlice>(
         &self,

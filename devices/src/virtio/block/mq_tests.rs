@@ -370,15 +370,21 @@ fn queue_setups_a_driver_gets_wrong_are_refused() {
     rig.irq.wait_for(InterruptKind::Queue(1), 1);
 }
 
-/// A queue whose available index runs ahead of its size marks the device
+/// A queue whose available index runs ahead of its size, or whose
+/// available entry names a descriptor beyond the queue, marks the device
 /// as needing a reset; the other queue goes on serving.
 #[test]
 fn a_broken_queue_needs_reset_and_the_other_queue_goes_on() {
-    for io_threads in [0, 2] {
+    for (io_threads, bad_head) in [(0, false), (2, false), (0, true), (2, true)] {
         let image = Image::new(MIB);
         let mem = memory();
         let rig = activate(&mem, config(&image, 2, io_threads), &[0, 1]);
-        rig.queues[0].set_avail_idx(1000);
+        if bad_head {
+            rig.queues[0].set_avail_entry(0, 300);
+            rig.queues[0].set_avail_idx(1);
+        } else {
+            rig.queues[0].set_avail_idx(1000);
+        }
         rig.kicks[0].write(1).unwrap();
         wait_until("needs-reset", || rig.irq.needs_reset());
         submit(&rig, 1, &[request(&mem, 1, VIRTIO_BLK_T_IN, 0)], 1);
@@ -386,4 +392,67 @@ fn a_broken_queue_needs_reset_and_the_other_queue_goes_on() {
         assert_eq!(byte_at(&mem, STATUS + 1), 0);
         assert_eq!(rig.queues[0].used_idx(), 0);
     }
+}
+
+/// Bytes the page cache holds are read without waiting (`RWF_NOWAIT`);
+/// qcow2 images never take that path; only well-formed reads do.
+#[test]
+fn cached_reads_complete_at_once_and_only_reads() {
+    use super::request::{prepare, try_complete_cached};
+    use super::testing::{backend_on, chain, open_image, qemu_img};
+    use crate::virtio::testing::descriptors;
+
+    let image = Image::new(0);
+    let data = pattern(7, 2 * MIB as usize);
+    // Just written: in the page cache.
+    std::fs::write(&image.path, &data).unwrap();
+    let disk = open_image(&image.path, false, None);
+    let mut buf = vec![0u8; 8192];
+    let slice = vm_memory::VolatileSlice::from(&mut buf[..]);
+    assert!(disk.read_at_nowait(&[slice], 4096));
+    assert_eq!(buf, &data[4096..4096 + 8192]);
+
+    let mem = memory();
+    let backend = backend_on(disk);
+    header(&mem, HEADER, VIRTIO_BLK_T_IN, 16);
+    let read = [r(HEADER, 16), w(DATA, 4096), w(STATUS, 1)];
+    let prepared = prepare(chain(&mem, &read), &mem);
+    assert_eq!(try_complete_cached(&prepared, &mem, &backend), Some(4097));
+    assert_eq!(byte_at(&mem, STATUS), 0);
+    assert_eq!(bytes_at(&mem, DATA, 4096), &data[8192..8192 + 4096]);
+    assert!(backend.counters.snapshot().contains(&("read_requests", 1)));
+    // A write, a read beyond the disk, a read with readable data: not here.
+    header(&mem, HEADER, VIRTIO_BLK_T_OUT, 16);
+    let write = [r(HEADER, 16), r(DATA, 4096), w(STATUS, 1)];
+    assert_eq!(
+        try_complete_cached(&prepare(descriptors(&write), &mem), &mem, &backend),
+        None
+    );
+    header(&mem, HEADER, VIRTIO_BLK_T_IN, 2 * MIB / 512);
+    assert_eq!(
+        try_complete_cached(&prepare(descriptors(&read), &mem), &mem, &backend),
+        None
+    );
+    header(&mem, HEADER, VIRTIO_BLK_T_IN, 0);
+    let odd = [r(HEADER, 16), r(DATA, 512), w(DATA, 512), w(STATUS, 1)];
+    assert_eq!(
+        try_complete_cached(&prepare(descriptors(&odd), &mem), &mem, &backend),
+        None
+    );
+
+    drop(backend);
+    let qcow2 = image.path.with_file_name("d.qcow2");
+    let raw_path = image.path.display().to_string();
+    qemu_img(&[
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        &raw_path,
+        &qcow2.display().to_string(),
+    ]);
+    let disk = open_image(&qcow2, true, None);
+    let slice = vm_memory::VolatileSlice::from(&mut buf[..]);
+    assert!(!disk.read_at_nowait(&[slice], 0));
 }

@@ -117,6 +117,11 @@ impl Drop for IoPool {
 }
 
 impl Submitter {
+    /// The disk the pool serves.
+    pub fn backend(&self) -> &Backend {
+        &self.shared.backend
+    }
+
     /// Queues `request` (head `head` of `queue`, already counted in its
     /// in-flight number) for the next free thread.
     pub fn submit(&self, queue: &Arc<QueueShared>, head: u16, request: Prepared) {

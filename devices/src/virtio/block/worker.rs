@@ -3,9 +3,12 @@
 //! waits on its queue's notification eventfd and a stop eventfd, takes
 //! requests off the available ring while fewer than the queue size are in
 //! flight, and either runs them itself, one batch at a time (no I/O
-//! threads: the serial service zvmm had before multiqueue), or hands them
-//! to the disk's [`IoPool`](super::pool), whose threads complete them out
-//! of order through [`QueueShared::finish`].
+//! threads: the serial service zvmm had before multiqueue), or completes
+//! the reads the page cache holds at once (`preadv2(RWF_NOWAIT)`, a
+//! memory copy that never waits for the device) and a lone read with
+//! nothing else in flight, and hands every other request to the disk's
+//! [`IoPool`](super::pool), whose threads complete them out of order
+//! through [`QueueShared::finish`].
 //!
 //! A queue the driver broke (an available index running ahead of the
 //! queue size, rings outside guest memory) stops being served and the
@@ -25,7 +28,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::pool::{lock, Submitter};
-use super::request::{self, Backend, Prepared};
+use super::request::{self, Backend, Prepared, RequestKind};
 use crate::virtio::{GuestMemory, InterruptKind, VirtioInterrupt};
 
 const QUEUE_TOKEN: u64 = 0;
@@ -41,6 +44,10 @@ pub enum WorkerError {
     /// runs ahead of the queue size, or rings outside guest memory).
     #[error("virtqueue broken by the driver")]
     Queue(#[source] virtio_queue::Error),
+    /// An available entry names a descriptor beyond the queue: there is
+    /// no chain to complete, and the driver would wait for it forever.
+    #[error("available entry names descriptor {0}, beyond the queue")]
+    HeadOutOfRange(u16),
     /// Raising the queue interrupt failed.
     #[error("cannot raise the queue interrupt")]
     Interrupt(#[source] io::Error),
@@ -113,13 +120,9 @@ impl QueueShared {
     fn return_used(&self, done: &[(u16, u32)]) -> Result<(), WorkerError> {
         let mut queue = lock(&self.queue);
         for &(head, used_len) in done {
-            // A head index beyond the queue names no descriptor; there is
-            // nothing to return for it.
-            if head < queue.size() {
-                queue
-                    .add_used(&self.mem, head, used_len)
-                    .map_err(WorkerError::Queue)?;
-            }
+            queue
+                .add_used(&self.mem, head, used_len)
+                .map_err(WorkerError::Queue)?;
         }
         if queue
             .needs_notification(&self.mem)
@@ -176,6 +179,11 @@ impl QueueShared {
                     break;
                 };
                 let head = chain.head_index();
+                if head >= queue.size() {
+                    // The queue is broken: the device needs a reset, and
+                    // the requests taken with this one are dropped.
+                    return Err(WorkerError::HeadOutOfRange(head));
+                }
                 batch.push((head, request::prepare(chain, &self.mem)));
             }
             if !batch.is_empty()
@@ -189,6 +197,11 @@ impl QueueShared {
         drop(queue);
         lock(&self.flow).in_flight += batch.len();
         Ok(batch)
+    }
+
+    /// Requests taken off the ring and not yet finished.
+    fn in_flight(&self) -> usize {
+        lock(&self.flow).in_flight
     }
 
     /// Asks the queue thread to stop taking requests.
@@ -297,8 +310,24 @@ impl Worker {
                     self.shared.finish(&done);
                 }
                 Executor::Pool(pool) => {
+                    let mem = self.shared.mem();
+                    let backend = pool.backend();
+                    // A lone read with nothing else in flight gains nothing
+                    // from another thread but the hand-over's latency.
+                    let alone = batch.len() == 1 && self.shared.in_flight() == 1;
+                    let mut done = Vec::new();
                     for (head, req) in batch {
-                        pool.submit(&self.shared, head, req);
+                        let cached = request::try_complete_cached(&req, mem, backend);
+                        match cached {
+                            Some(used_len) => done.push((head, used_len)),
+                            None if alone && req.kind() == RequestKind::Read => {
+                                done.push((head, request::complete(&req, mem, backend)));
+                            }
+                            None => pool.submit(&self.shared, head, req),
+                        }
+                    }
+                    if !done.is_empty() {
+                        self.shared.finish(&done);
                     }
                 }
             }
