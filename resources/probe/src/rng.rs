@@ -74,7 +74,7 @@ pub fn run(pci: &Pci, cmdline: &[u8]) {
         if function.vendor == virtio::VENDOR_ID && function.device == DEVICE_ID {
             found += 1;
             if let Err(err) = drive(&pci.config, function, &options) {
-                report!("rng slot={} error {err}", function.bdf.slot);
+                report!("rng slot={} error {err}", function.bdf.label());
             }
         }
     }
@@ -98,7 +98,7 @@ fn drive(
     let mut device = Device::init(config, function, 0)?;
     let mut queue = device.setup_queue(0, 2)?;
     device.driver_ok();
-    let slot = device.bdf.slot;
+    let slot = device.bdf.label();
     let tsc_mhz = io::tsc_mhz();
     let mut total = 0;
     for index in 0..options.reads {

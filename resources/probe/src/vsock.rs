@@ -11,7 +11,7 @@
 //! descriptor (Linux 6.2 and later) and a header descriptor chained to a
 //! payload descriptor; transmitted packets rotate the same two ways.
 
-use crate::pci::{Config, Function, Pci};
+use crate::pci::{Config, Function, Pci, SlotLabel};
 use crate::virtio::{self, Buf, Device, Queue, VirtioError, QUEUE_MAX};
 use crate::vsocktest;
 use crate::{io, report};
@@ -142,7 +142,7 @@ pub fn run(pci: &Pci, cmdline: &[u8]) {
     for function in pci.functions() {
         if function.vendor == virtio::VENDOR_ID && function.device == DEVICE_ID {
             found += 1;
-            let slot = function.bdf.slot;
+            let slot = function.bdf.label();
             match Vsock::new(&pci.config, function) {
                 Ok(mut vsock) => {
                     if core::mem::take(&mut test) {
@@ -213,7 +213,7 @@ pub struct Vsock {
     tx: Queue,
     event: Queue,
     /// This device's PCI slot.
-    pub slot: u8,
+    pub slot: SlotLabel,
     /// The guest's CID from the configuration space.
     pub cid: u64,
     tx_busy: [bool; SLOTS],
@@ -232,7 +232,7 @@ impl Vsock {
     /// DRIVER_OK and fills the receive and event rings.
     fn new(config: &Config, function: &Function) -> Result<Vsock, VirtioError> {
         let mut device = Device::init(config, function, 0)?;
-        let slot = device.bdf.slot;
+        let slot = device.bdf.label();
         let cid = read_cid(&device);
         let rx = device.setup_queue(RX_QUEUE, DESC_PER_SLOT)?;
         let tx = device.setup_queue(TX_QUEUE, DESC_PER_SLOT)?;
