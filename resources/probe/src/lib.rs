@@ -1,8 +1,9 @@
 //! The probe guest: boots through PVH or the Linux 64-bit boot protocol and
 //! reports, one `probe: key=value` fact per line on COM1, what the VMM gave
 //! it (command line, memory map, initrd, ACPI tables, CPUs), starts every AP,
-//! drives the virtio-blk, virtio-net and virtio-fs devices it finds on PCI
-//! bus 0 (the network test talks to the host: [`nettest`]; the file system
+//! drives the virtio-blk, virtio-net and virtio-fs devices it finds on the
+//! root bus of every PCI segment ([`pci`]; the network test talks to the
+//! host: [`nettest`]; the file system
 //! checks run over FUSE: [`fstest`]), then powers off through
 //! ACPI like Linux does, or does the test action named by `probe.action=`
 //! ([`action`]). With `probe.mode=firmware` it behaves like PVH firmware
