@@ -447,6 +447,22 @@ pub struct DiskConfig {
     /// PCI segment of the disk (below `platform.num_pci_segments`).
     #[serde(default)]
     pub pci_segment: u16,
+    /// Request queues (cloud-hypervisor's `num_queues`; more than one:
+    /// multiqueue virtio-blk).
+    #[serde(default = "default_disk_queues")]
+    pub num_queues: u16,
+    /// Entries per queue (cloud-hypervisor's `queue_size`; zvmm's default
+    /// is 256, cloud-hypervisor's 128).
+    #[serde(default = "default_disk_queue_size")]
+    pub queue_size: u16,
+}
+
+fn default_disk_queues() -> u16 {
+    1
+}
+
+fn default_disk_queue_size() -> u16 {
+    devices::virtio::block::QUEUE_SIZE
 }
 
 /// Longest serial virtio-blk can return.
@@ -623,6 +639,7 @@ impl VmConfig {
             if !ids.insert(id.clone()) {
                 return Err(invalid(format!("--disk: id '{id}' used twice")));
             }
+            check_disk_queues(disk)?;
             if let Some(serial) = &disk.serial {
                 if serial.len() > MAX_DISK_SERIAL {
                     return Err(invalid(format!(
@@ -638,6 +655,25 @@ impl VmConfig {
 
 fn invalid(message: String) -> ConfigError {
     ConfigError::Invalid(message)
+}
+
+/// `num_queues` 1 to 64, `queue_size` a power of two from 4 to 32768.
+fn check_disk_queues(disk: &DiskConfig) -> Result<(), ConfigError> {
+    use devices::virtio::block::{MAX_QUEUES, MAX_QUEUE_SIZE, MIN_QUEUE_SIZE};
+    let path = disk.path.display();
+    if disk.num_queues == 0 || disk.num_queues > MAX_QUEUES {
+        return Err(invalid(format!(
+            "--disk {path}: num_queues={} must be 1 to {MAX_QUEUES}",
+            disk.num_queues
+        )));
+    }
+    let size = disk.queue_size;
+    if !size.is_power_of_two() || !(MIN_QUEUE_SIZE..=MAX_QUEUE_SIZE).contains(&size) {
+        return Err(invalid(format!(
+            "--disk {path}: queue_size={size} must be a power of two from {MIN_QUEUE_SIZE} to {MAX_QUEUE_SIZE}"
+        )));
+    }
+    Ok(())
 }
 
 /// Parses one option's `key=value,key=value` string. A bare first item
@@ -829,7 +865,8 @@ pub fn shared_memory_given(input: &str) -> Result<Option<bool>, ConfigError> {
 }
 
 /// Parses one `--disk path=P[,readonly=on][,image_type=raw|qcow2]
-/// [,backing_files=on|off][,serial=S][,id=ID]` (a bare value is the path).
+/// [,backing_files=on|off][,serial=S][,id=ID][,num_queues=N][,queue_size=Q]`
+/// (a bare value is the path).
 pub fn parse_disk(input: &str) -> Result<DiskConfig, ConfigError> {
     let keys = [
         "path",
@@ -839,6 +876,8 @@ pub fn parse_disk(input: &str) -> Result<DiskConfig, ConfigError> {
         "serial",
         "id",
         "pci_segment",
+        "num_queues",
+        "queue_size",
     ];
     let options = OptionParser::parse("disk", &keys, input)?;
     let path = match options.get("path") {
@@ -864,6 +903,12 @@ pub fn parse_disk(input: &str) -> Result<DiskConfig, ConfigError> {
         serial: options.get("serial").map(String::from),
         id: options.get("id").map(String::from),
         pci_segment: options.number("pci_segment")?.unwrap_or(0),
+        num_queues: options
+            .number("num_queues")?
+            .unwrap_or_else(default_disk_queues),
+        queue_size: options
+            .number("queue_size")?
+            .unwrap_or_else(default_disk_queue_size),
     })
 }
 
@@ -1183,6 +1228,34 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("allows 20"));
+    }
+
+    #[test]
+    fn disk_queues_parse_and_bad_values_name_the_option() {
+        let disk = parse_disk("path=/x,num_queues=4,queue_size=64").unwrap();
+        assert_eq!((disk.num_queues, disk.queue_size), (4, 64));
+        let plain = parse_disk("/x").unwrap();
+        assert_eq!((plain.num_queues, plain.queue_size), (1, 256));
+        for input in ["num_queues=two", "queue_size=65536", "num_queues=-1"] {
+            let err = parse_disk(&format!("path=/x,{input}")).unwrap_err();
+            let key = input.split('=').next().unwrap();
+            assert!(err.to_string().contains(key), "{input}: {err}");
+        }
+        let mut config = bootable();
+        for input in [
+            "num_queues=0",
+            "num_queues=65",
+            "queue_size=2",
+            "queue_size=100",
+            "queue_size=0",
+        ] {
+            config.disks = vec![parse_disk(&format!("path=/x,{input}")).unwrap()];
+            let err = config.validate().unwrap_err().to_string();
+            assert!(err.contains(input), "{input}: {err}");
+            assert!(!err.contains('\n'), "{err}");
+        }
+        config.disks = vec![parse_disk("path=/x,num_queues=64,queue_size=32768").unwrap()];
+        config.validate().unwrap();
     }
 
     fn bootable() -> VmConfig {

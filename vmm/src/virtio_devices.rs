@@ -66,7 +66,9 @@ pub fn virtio_devices(
             backing_files: disk.backing_files,
             serial: disk.serial.clone(),
             id: disk.id.clone(),
-            ..BlockConfig::default()
+            num_queues: Some(disk.num_queues),
+            queue_size: Some(disk.queue_size),
+            io_threads: None,
         })?;
         devices.push(VirtioAttachment {
             label: format!("--disk {}", disk.path.display()),
@@ -172,6 +174,8 @@ mod tests {
             serial: None,
             id: None,
             pci_segment: 0,
+            num_queues: 1,
+            queue_size: 256,
         }
     }
 

@@ -11,6 +11,10 @@
 //! - `probe.blk.discard=SECTOR:COUNT` discards the range
 //! - `probe.blk.zero=SECTOR:COUNT` WRITE_ZEROES with the unmap flag
 //! - `probe.blk.bench=MIB` sequential read/write of MIB MiB, random reads
+//! - `probe.blk.mq=SECTOR` with VIRTIO_BLK_F_MQ and two queues or more:
+//!   writes 8 pattern sectors at SECTOR through queue 1 and reads them back
+//!   through queue 0, the next 8 the other way round, then 8 more through
+//!   each queue with both in flight, each read back through the other
 
 use crate::pci::{Config, Function, Pci, SlotLabel};
 use crate::serial::Quoted;
@@ -33,16 +37,18 @@ const F_RO: u64 = 1 << 5;
 const F_BLK_SIZE: u64 = 1 << 6;
 const F_FLUSH: u64 = 1 << 9;
 const F_DISCARD: u64 = 1 << 13;
+const F_MQ: u64 = 1 << 12;
 const F_WRITE_ZEROES: u64 = 1 << 14;
 /// Device features the driver accepts when offered.
 const WANTED: u64 =
-    F_SIZE_MAX | F_SEG_MAX | F_RO | F_BLK_SIZE | F_FLUSH | F_DISCARD | F_WRITE_ZEROES;
+    F_SIZE_MAX | F_SEG_MAX | F_RO | F_BLK_SIZE | F_FLUSH | F_MQ | F_DISCARD | F_WRITE_ZEROES;
 
 // Device configuration offsets.
 const CFG_CAPACITY: u64 = 0;
 const CFG_SIZE_MAX: u64 = 8;
 const CFG_SEG_MAX: u64 = 12;
 const CFG_BLK_SIZE: u64 = 20;
+const CFG_NUM_QUEUES: u64 = 34;
 const CFG_MAX_DISCARD_SECTORS: u64 = 36;
 const CFG_MAX_WRITE_ZEROES_SECTORS: u64 = 48;
 
@@ -118,6 +124,7 @@ struct Options {
     discard: Option<Range>,
     zero: Option<Range>,
     bench_mib: Option<u64>,
+    mq_sector: Option<u64>,
 }
 
 impl Options {
@@ -137,6 +144,8 @@ impl Options {
                 options.zero = parse_range(v);
             } else if let Some(v) = rest.strip_prefix(b"bench=") {
                 options.bench_mib = parse_u64(v);
+            } else if let Some(v) = rest.strip_prefix(b"mq=") {
+                options.mq_sector = parse_u64(v);
             } else {
                 report!("blk option unknown={}", Quoted(word));
             }
@@ -286,6 +295,8 @@ struct Request {
 struct Disk {
     device: Device,
     queue: Queue,
+    /// Queue 1, when the device has several (VIRTIO_BLK_F_MQ).
+    queue1: Option<Queue>,
     slot: SlotLabel,
     capacity: u64,
     ro: bool,
@@ -328,6 +339,16 @@ impl Disk {
             u8::from(device.has(virtio::F_EVENT_IDX)),
         );
         let queue = device.setup_queue(0, DESC_PER_SLOT)?;
+        let queue1 = if device.has(F_MQ) {
+            let queues = device.device_cfg.read16(CFG_NUM_QUEUES);
+            report!("blk slot={slot} num_queues={queues}");
+            match queues {
+                0 | 1 => None,
+                _ => Some(device.setup_queue(1, DESC_PER_SLOT)?),
+            }
+        } else {
+            None
+        };
         device.driver_ok();
         let seg_bytes = match size_max {
             0 => DATA_BYTES,
@@ -341,6 +362,7 @@ impl Disk {
         Ok(Disk {
             device,
             queue,
+            queue1,
             slot,
             capacity: cfg.capacity,
             ro,
@@ -373,6 +395,9 @@ impl Disk {
         }
         if let Some(range) = options.zero {
             self.discard_or_zero(T_WRITE_ZEROES, range);
+        }
+        if let Some(sector) = options.mq_sector {
+            self.mq_check(sector);
         }
         if self.device.has(F_FLUSH) {
             let status = self.single(T_FLUSH, 0, 0);
@@ -544,6 +569,117 @@ impl Disk {
             sector += count;
         }
         true
+    }
+}
+
+// Multiqueue.
+impl Disk {
+    /// Sectors each multiqueue step moves.
+    const MQ_SECTORS: u64 = 8;
+
+    /// `probe.blk.mq`: data written through one queue reads back through
+    /// the other, one at a time and with both queues in flight.
+    fn mq_check(&mut self, sector: u64) {
+        let slot = self.slot;
+        if self.queue1.is_none() {
+            report!("blk slot={slot} mq skipped=single_queue");
+            return;
+        }
+        let len = (Self::MQ_SECTORS * SECTOR) as usize;
+        let next = sector + Self::MQ_SECTORS;
+        let (w1, r0, m0) = self.mq_round_trip(sector, 1, 0);
+        let (w0, r1, m1) = self.mq_round_trip(next, 0, 1);
+        report!(
+            "blk slot={slot} mq sector={sector} q1_write={w1} q0_read={r0} q0_match={m0} q0_write={w0} q1_read={r1} q1_match={m1}"
+        );
+        // Both queues in flight: slot 0 on queue 0, slot 1 on queue 1.
+        let (a, b) = (next + Self::MQ_SECTORS, next + 2 * Self::MQ_SECTORS);
+        with_data_mut(0, len, |data| fill_pattern(data, a));
+        with_data_mut(1, len, |data| fill_pattern(data, b));
+        let both = self.both_queues(T_OUT, (a, b), len);
+        let (_, r1, m1) = self.mq_read_back(a, 1);
+        let (_, r0, m0) = self.mq_read_back(b, 0);
+        report!(
+            "blk slot={slot} mq both_in_flight writes={both} q1_read={r1} q1_match={m1} q0_read={r0} q0_match={m0}"
+        );
+    }
+
+    /// Writes the pattern at `sector` through queue `write_q` and reads it
+    /// back through `read_q`: (write status, read status, match).
+    fn mq_round_trip(&mut self, sector: u64, write_q: u16, read_q: u16) -> (Status, Status, u8) {
+        let len = (Self::MQ_SECTORS * SECTOR) as usize;
+        with_data_mut(0, len, |data| fill_pattern(data, sector));
+        let written = self.on_queue(write_q, |disk| disk.single(T_OUT, sector, len));
+        let (_, read, matched) = self.mq_read_back(sector, read_q);
+        (written, read, matched)
+    }
+
+    /// Reads the pattern sectors at `sector` through queue `q` into slot 0
+    /// and compares.
+    fn mq_read_back(&mut self, sector: u64, q: u16) -> ((), Status, u8) {
+        let len = (Self::MQ_SECTORS * SECTOR) as usize;
+        with_data_mut(0, len, |data| data.fill(0));
+        let read = self.on_queue(q, |disk| disk.single(T_IN, sector, len));
+        let matched = with_data(0, len, |data| {
+            data.chunks(SECTOR as usize)
+                .zip(sector..)
+                .all(|(chunk, n)| {
+                    chunk
+                        .iter()
+                        .enumerate()
+                        .all(|(i, &b)| b == pattern_byte(n, i))
+                })
+        });
+        ((), read, u8::from(read == OK && matched))
+    }
+
+    /// Puts a request in slot 0 on queue 0 and one in slot 1 on queue 1,
+    /// kicks both, then waits for both: "ok" when both completed fine.
+    fn both_queues(&mut self, kind: u32, (a, b): (u64, u64), len: usize) -> &'static str {
+        let first = self.submit(
+            0,
+            Request {
+                kind,
+                sector: a,
+                len,
+            },
+        );
+        let second = self.on_queue(1, |disk| {
+            let sent = disk.submit(
+                1,
+                Request {
+                    kind,
+                    sector: b,
+                    len,
+                },
+            );
+            disk.queue.kick();
+            sent
+        });
+        self.queue.kick();
+        if !(first && second) {
+            return "skipped";
+        }
+        let done0 = self.wait_any() == Some(0) && status_of(0) == OK;
+        let done1 = self.on_queue(1, |disk| disk.wait_any()) == Some(1) && status_of(1) == OK;
+        if done0 && done1 {
+            "ok"
+        } else {
+            "failed"
+        }
+    }
+
+    /// Runs `f` with queue `q` (0 or 1) as the disk's queue.
+    fn on_queue<T>(&mut self, q: u16, f: impl FnOnce(&mut Disk) -> T) -> T {
+        if q == 0 {
+            return f(self);
+        }
+        let mut other = self.queue1.take().expect("queue 1 set up");
+        core::mem::swap(&mut self.queue, &mut other);
+        let result = f(self);
+        core::mem::swap(&mut self.queue, &mut other);
+        self.queue1 = Some(other);
+        result
     }
 }
 

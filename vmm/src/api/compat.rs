@@ -115,12 +115,6 @@ const RULES: &[Rule] = &[
     rule("rate_limit_groups", Empty, "rate-limit groups"),
     rule("disks.*.direct", is("false"), "O_DIRECT disk I/O"),
     rule("disks.*.iommu", is("false"), "a virtual IOMMU"),
-    rule("disks.*.num_queues", is("1"), "multi-queue virtio-blk"),
-    rule(
-        "disks.*.queue_size",
-        is("128"),
-        "other virtio-blk queue sizes",
-    ),
     rule("disks.*.vhost_user", is("false"), "vhost-user-blk"),
     rule("disks.*.vhost_socket", Absent, "vhost-user-blk"),
     rule("disks.*.rate_limiter_config", Absent, "I/O rate limiting"),
@@ -460,13 +454,6 @@ const CLI_DEFAULTS: &[(&str, &str, &[&str], &str)] = &[
     ),
     ("disk", "direct", &["off", "false"], "O_DIRECT disk I/O"),
     ("disk", "iommu", &["off", "false"], "a virtual IOMMU"),
-    ("disk", "num_queues", &["1"], "multi-queue virtio-blk"),
-    (
-        "disk",
-        "queue_size",
-        &["128"],
-        "other virtio-blk queue sizes",
-    ),
     ("disk", "vhost_user", &["off", "false"], "vhost-user-blk"),
     ("disk", "sparse", &["on", "true"], "fully allocated disks"),
     (
@@ -545,8 +532,8 @@ mod tests {
     #[test]
     fn cli_defaults_are_dropped_and_other_values_refused_by_name() {
         assert_eq!(
-            cli_option("disk", "path=/a,direct=off,readonly=on,num_queues=1").unwrap(),
-            "path=/a,readonly=on"
+            cli_option("disk", "path=/a,direct=off,readonly=on,num_queues=2").unwrap(),
+            "path=/a,readonly=on,num_queues=2"
         );
         assert_eq!(
             cli_option("net", "fd=[3,4],num_queues=4,vhost_user=false").unwrap(),
@@ -643,6 +630,17 @@ mod tests {
         );
         let err = vm_config(body).unwrap_err().to_string();
         assert!(err.starts_with("disks[1].direct=true"), "{err}");
+        // Multiqueue disks as cloud-hypervisor's clients write them.
+        let mq = with(
+            &["disks"],
+            json!([{"path": "/a", "num_queues": 4, "queue_size": 128}]),
+        );
+        let disk = &vm_config(mq).unwrap().disks[0];
+        assert_eq!((disk.num_queues, disk.queue_size), (4, 128));
+        let plain = &vm_config(with(&["disks"], json!([{"path": "/a"}])))
+            .unwrap()
+            .disks[0];
+        assert_eq!((plain.num_queues, plain.queue_size), (1, 256));
         let on_segment = with(&["net"], json!([{"tap": "t0", "pci_segment": 1}]));
         assert_eq!(vm_config(on_segment).unwrap().net[0].pci_segment, 1);
         let mut kata = with(&["platform"], json!({"num_pci_segments": 2}));
