@@ -10,7 +10,7 @@
 //!   write the fuzzer never makes (those that end or reset the VM)
 //! - `hostile device=D slot=S check=baseline result=ok|R`
 //! - `hostile device=D slot=S attack=A result=R status=0xSS` with R one of
-//!   `needs_reset error consumed served refused ignored dead`
+//!   `needs_reset error consumed served refused ignored no_answer dead`
 //! - `hostile device=D slot=S check=recovered after=D:S result=ok|R`,
 //!   `hostile device=D slot=S check=other after=D2:S2 result=ok|R` and, after
 //!   the legacy ports, `hostile device=D slot=S check=final result=ok|R`
@@ -18,7 +18,13 @@
 //! - `hostile summary devices=N attacks=M <outcome>=count... check_failures=F`
 //!
 //! `probe.hostile.seed=N` changes the fuzzer's seed;
-//! `probe.hostile.only=D` attacks only devices of kind D (all are checked).
+//! `probe.hostile.only=D` attacks only devices of kind D (all are checked),
+//! `probe.hostile.attack=A` runs only attack A.
+//! virtio-fs rings are read by virtiofsd, not the VMM, and a malformed
+//! chain makes virtiofsd exit (zvmm then stops the VM, status 7): the ring
+//! attacks skip fs devices (`hostile device=fs slot=S skipped=ring_attacks`,
+//! and `skipped=rings_overlap`, after which virtiofsd stops answering the
+//! queue for good) unless `probe.hostile.fs_rings=on`.
 
 mod chains;
 mod live;
@@ -37,6 +43,10 @@ use chains::Attack;
 use live::{template, Live, Outcome};
 use target::{Kind, Target};
 
+/// Set-up attacks that let a virtio-fs backend run on rings holding
+/// garbage (skipped with the ring attacks): after `rings_overlap`
+/// virtiofsd stops answering that queue for good, resets included.
+const FS_RING_SETUPS: &[&str] = &["rings_overlap"];
 /// Most devices the probe attacks.
 const MAX_TARGETS: usize = 16;
 /// How long a good request may take in a check.
@@ -129,16 +139,33 @@ pub fn run(boot: &BootInfo, acpi: &Acpi, pci: &Pci) {
         report_check(target, "baseline", None, result);
     }
     let only = option(cmdline, b"probe.hostile.only=");
+    let attack_only = option(cmdline, b"probe.hostile.attack=");
+    let fs_rings = words(cmdline).any(|w| w == b"probe.hostile.fs_rings=on");
     for (i, target) in targets.iter().flatten().enumerate() {
         if only.is_some_and(|kind| kind != target.kind.name().as_bytes()) {
             continue;
         }
-        for attack in chains::ATTACKS
-            .iter()
-            .chain(setup::ATTACKS)
-            .chain(registers::ATTACKS)
-        {
-            run_attack(target, attack, &ctx, &mut tally);
+        let rings: &[Attack] = if target.kind == Kind::Fs && !fs_rings {
+            report!(
+                "hostile device=fs slot={} skipped=ring_attacks reason=virtiofsd_reads_the_rings",
+                target.bdf.slot
+            );
+            &[]
+        } else {
+            chains::ATTACKS
+        };
+        for attack in rings.iter().chain(setup::ATTACKS).chain(registers::ATTACKS) {
+            if target.kind == Kind::Fs && !fs_rings && FS_RING_SETUPS.contains(&attack.0) {
+                report!(
+                    "hostile device=fs slot={} skipped={} reason=virtiofsd_reads_the_rings",
+                    target.bdf.slot,
+                    attack.0
+                );
+                continue;
+            }
+            if attack_only.is_none_or(|name| name == attack.0.as_bytes()) {
+                run_attack(target, attack, &ctx, &mut tally);
+            }
         }
         check_all(targets, &baselines, Some(i), &ctx, &mut tally);
     }
@@ -304,13 +331,14 @@ impl Tally {
         let attacks: u32 = self.counts.iter().sum();
         let c = |o: Outcome| self.counts[Outcome::ALL.iter().position(|&x| x == o).unwrap_or(0)];
         report!(
-            "hostile summary devices={devices} attacks={attacks} needs_reset={} error={} consumed={} served={} refused={} ignored={} dead={} check_failures={}",
+            "hostile summary devices={devices} attacks={attacks} needs_reset={} error={} consumed={} served={} refused={} ignored={} no_answer={} dead={} check_failures={}",
             c(Outcome::NeedsReset),
             c(Outcome::Error),
             c(Outcome::Consumed),
             c(Outcome::Served),
             c(Outcome::Refused),
             c(Outcome::Ignored),
+            c(Outcome::NoAnswer),
             c(Outcome::Dead),
             self.check_failures
         );

@@ -143,18 +143,21 @@ pub enum Outcome {
     Refused,
     /// Nothing happened and the device still works.
     Ignored,
+    /// A good request after the attack got no answer.
+    NoAnswer,
     /// The device did not finish a reset.
     Dead,
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 7] = [
+    pub const ALL: [Outcome; 8] = [
         Outcome::NeedsReset,
         Outcome::Error,
         Outcome::Consumed,
         Outcome::Served,
         Outcome::Refused,
         Outcome::Ignored,
+        Outcome::NoAnswer,
         Outcome::Dead,
     ];
 
@@ -166,6 +169,7 @@ impl Outcome {
             Outcome::Served => "served",
             Outcome::Refused => "refused",
             Outcome::Ignored => "ignored",
+            Outcome::NoAnswer => "no_answer",
             Outcome::Dead => "dead",
         }
     }

@@ -76,6 +76,7 @@ fn after_fuzz(target: &Target, ctx: &Ctx) -> Outcome {
     live.send(&request);
     match live.outcome(SERVE_MS) {
         Outcome::Served | Outcome::Consumed => Outcome::Ignored,
+        Outcome::Ignored => Outcome::NoAnswer,
         other => other,
     }
 }

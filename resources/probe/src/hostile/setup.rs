@@ -197,6 +197,7 @@ fn serve_after(live: &mut Live, ctx: &Ctx) -> Outcome {
     live.send(&request);
     match live.outcome(SERVE_MS) {
         Outcome::Served | Outcome::Consumed => Outcome::Ignored,
+        Outcome::Ignored => Outcome::NoAnswer,
         other => other,
     }
 }
