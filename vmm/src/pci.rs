@@ -127,14 +127,6 @@ impl PciDevices {
             })
             .collect()
     }
-
-    /// Where the device with counters name `name` sits: (segment, slot).
-    pub fn address(&self, name: &str) -> Option<(u16, u8)> {
-        self.slots
-            .iter()
-            .find(|(n, _, _)| n == name)
-            .map(|(_, segment, slot)| (*segment, *slot))
-    }
 }
 
 /// One segment while devices are attached.
