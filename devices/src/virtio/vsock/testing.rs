@@ -255,6 +255,14 @@ impl<'m> Guest<'m> {
         self.kicks[1].write(1).unwrap();
     }
 
+    /// Makes transmit avail entry `slot` name descriptor `head` (the avail
+    /// index one past it) and kicks.
+    pub fn send_head(&mut self, slot: u16, head: u16) {
+        self.tx.set_avail_entry(usize::from(slot), head);
+        self.tx.set_avail_idx(slot + 1);
+        self.kicks[1].write(1).unwrap();
+    }
+
     /// Transmit chains the device returned.
     pub fn tx_used(&self) -> u16 {
         self.tx.used_idx()

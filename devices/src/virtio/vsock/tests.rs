@@ -352,6 +352,18 @@ fn malformed_guest_packets_are_dropped_or_refused_and_counted() {
 }
 
 #[test]
+fn a_head_index_beyond_the_queue_stops_the_queues_and_needs_a_reset() {
+    let mem = memory();
+    let mut dev = test_device();
+    let mut guest = Guest::new(&mem);
+    guest.activate(&mut dev.device);
+    guest.send_head(0, 4000);
+    wait_until("needs reset", || guest.interrupt.needs_reset());
+    assert_eq!(guest.tx_used(), 0);
+    assert_eq!(dev.counter("tx_malformed"), 1);
+}
+
+#[test]
 fn unusable_receive_buffers_are_returned_empty_and_counted() {
     let mem = memory();
     let mut dev = test_device();

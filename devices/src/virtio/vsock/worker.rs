@@ -293,15 +293,18 @@ fn take_tx(
             return Ok(false);
         };
         let head = chain.head_index();
+        // A head index beyond the queue names no descriptor: the driver
+        // broke the ring and would wait for that packet forever.
+        if head >= tx.queue.size() {
+            bump(&counters.tx_malformed, 1);
+            return Err(virtio_queue::Error::InvalidDescriptorIndex.into());
+        }
         match VsockPacket::from_tx_virtq_chain(&*mem, &mut chain, MAX_PAYLOAD) {
             Ok(packet) => muxer.on_guest_packet(&packet),
             Err(_) => bump(&counters.tx_malformed, 1),
         }
-        // A head index beyond the queue names no descriptor.
-        if head < tx.queue.size() {
-            tx.queue.add_used(&*mem, head, 0)?;
-            tx.used = true;
-        }
+        tx.queue.add_used(&*mem, head, 0)?;
+        tx.used = true;
     }
 }
 
@@ -320,6 +323,10 @@ fn fill_rx(
             break;
         };
         let head = chain.head_index();
+        if head >= rx.queue.size() {
+            bump(&counters.rx_bad_buffers, 1);
+            return Err(virtio_queue::Error::InvalidDescriptorIndex.into());
+        }
         let len = match VsockPacket::from_rx_virtq_chain(&*mem, &mut chain, MAX_PAYLOAD) {
             Ok(mut packet) => match muxer.fill_rx(&mut packet) {
                 Some(len) => {
@@ -336,10 +343,8 @@ fn fill_rx(
                 0
             }
         };
-        if head < rx.queue.size() {
-            rx.queue.add_used(&*mem, head, len)?;
-            rx.used = true;
-        }
+        rx.queue.add_used(&*mem, head, len)?;
+        rx.used = true;
     }
     Ok(delivered)
 }
