@@ -162,6 +162,9 @@ pub fn create_pci(
     pio: &mut Bus,
     mmio: &mut Bus,
 ) -> Result<PciPlatform, PciSetupError> {
+    if context.pci_segments == 0 {
+        return Err(PciSetupError::Segments { segments: 0 });
+    }
     let mut segments: Vec<Segment> = (0..context.pci_segments)
         .map(|index| new_segment(context, index))
         .collect::<Result<_, _>>()?;
@@ -428,5 +431,105 @@ impl MsiRouter for KvmMsiRouter {
         let vectors = self.vectors.lock().unwrap_or_else(|p| p.into_inner());
         let msi = vectors.get(usize::from(vector))?.as_ref()?;
         msi.irqfd.try_clone().ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use devices::virtio::rng::{Rng, RngConfig};
+
+    /// A virtio-rng attachment (no ioeventfds) on `pci_segment`.
+    fn rng_on(pci_segment: u16) -> VirtioAttachment {
+        let config = RngConfig {
+            id: format!("rng{pci_segment}"),
+            source: "/dev/urandom".into(),
+        };
+        VirtioAttachment {
+            label: format!("--rng on {pci_segment}"),
+            counters_name: format!("rng{pci_segment}"),
+            device: Box::new(Rng::new(config).unwrap()),
+            ioeventfds: false,
+            pci_segment,
+        }
+    }
+
+    /// Builds the PCI side of a small VM with `segments` segments.
+    fn build(
+        segments: u16,
+        devices: Vec<VirtioAttachment>,
+    ) -> (Result<PciPlatform, PciSetupError>, Bus, Bus) {
+        let kvm = kvm_ioctls::Kvm::new().expect("/dev/kvm");
+        let vm = Arc::new(kvm.create_vm().expect("a KVM VM"));
+        let routing = Arc::new(InterruptRouting::split(vm.clone()));
+        let ram = crate::memory::create_guest_ram(64 << 20, false).unwrap();
+        let context = PciContext {
+            vm: &vm,
+            routing: &routing,
+            ram: &ram,
+            ram_size: 64 << 20,
+            hotplug_size: 0,
+            pci_segments: segments,
+        };
+        let (mut pio, mut mmio) = (Bus::new(), Bus::new());
+        let result = create_pci(&context, devices, &mut pio, &mut mmio);
+        (result, pio, mmio)
+    }
+
+    /// The vendor/device dword of `slot` on `segment` through its ECAM.
+    fn ecam_id(mmio: &Bus, segment: u16, slot: u64) -> u32 {
+        let windows = layout::pci_segment_windows(segment, 2, 64 << 20, 0).unwrap();
+        let mut data = [0u8; 4];
+        mmio.read(windows.ecam.0 + (slot << 15), &mut data);
+        u32::from_le_bytes(data)
+    }
+
+    /// The same through ports 0xCF8/0xCFC.
+    fn cf8_id(pio: &Bus, slot: u32) -> u32 {
+        let port = u64::from(layout::ports::PCI_CONFIG);
+        pio.write(port, &(1u32 << 31 | slot << 11).to_le_bytes());
+        let mut data = [0u8; 4];
+        pio.read(port + 4, &mut data);
+        u32::from_le_bytes(data)
+    }
+
+    #[test]
+    fn each_segment_has_its_own_bus_and_bridge_and_only_segment_0_has_cf8() {
+        let devices = vec![rng_on(1), rng_on(0)];
+        let (pci, pio, mmio) = build(2, devices);
+        let pci = pci.unwrap();
+        let (bridge, rng) = (0x0d57_8086, 0x1044_1af4);
+        assert_eq!(ecam_id(&mmio, 0, 0), bridge);
+        assert_eq!(ecam_id(&mmio, 1, 0), bridge, "segment 1's own host bridge");
+        assert_eq!(ecam_id(&mmio, 1, 1), rng, "first device of segment 1");
+        assert_eq!(ecam_id(&mmio, 0, 1), rng, "first device of segment 0");
+        assert_eq!(ecam_id(&mmio, 1, 2), u32::MAX, "one device on segment 1");
+        assert_eq!(cf8_id(&pio, 1), rng);
+        assert_eq!(cf8_id(&pio, 2), u32::MAX, "0xCF8 reaches segment 0 only");
+        let segments: Vec<u16> = pci
+            .acpi
+            .iter()
+            .map(|device| match device {
+                PlatformDevice::PciHostBridge(bridge) => bridge.segment,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(segments, [0, 1]);
+        let names: Vec<String> = pci.devices.counters().into_iter().map(|(n, _)| n).collect();
+        assert_eq!(names, ["rng1", "rng0"]);
+    }
+
+    #[test]
+    fn a_device_on_a_missing_segment_is_an_error_naming_it() {
+        let (result, _, _) = build(2, vec![rng_on(2)]);
+        let err = result.err().expect("segment 2 of 2");
+        assert_eq!(
+            err.to_string(),
+            "--rng on 2: pci_segment=2, but the VM has 2 PCI segment(s) (platform num_pci_segments)"
+        );
+        for segments in [0, 17] {
+            let (result, _, _) = build(segments, Vec::new());
+            assert!(matches!(result, Err(PciSetupError::Segments { .. })));
+        }
     }
 }
