@@ -807,8 +807,8 @@ fn parse_toggle(text: &str) -> Option<bool> {
 /// Parses `--cpus N` or `--cpus boot=N[,max=N][,topology=T:C:D:P]`.
 pub fn parse_cpus(input: &str) -> Result<CpusConfig, ConfigError> {
     let options = OptionParser::parse("cpus", &["boot", "max", "topology"], input)?;
-    let boot_vcpus = options.number::<u8>("boot")?.unwrap_or(1);
-    let max_vcpus = options.number::<u8>("max")?.unwrap_or(boot_vcpus);
+    let boot_vcpus = vcpu_count(&options, "boot")?.unwrap_or(1);
+    let max_vcpus = vcpu_count(&options, "max")?.unwrap_or(boot_vcpus);
     let topology = match options.get("topology") {
         Some(value) => Some(parse_topology(value).ok_or_else(|| {
             options.bad_value(
@@ -824,6 +824,21 @@ pub fn parse_cpus(input: &str) -> Result<CpusConfig, ConfigError> {
         max_vcpus,
         topology,
     })
+}
+
+/// A vCPU count: a number, and one zvmm supports.
+fn vcpu_count(options: &OptionParser, key: &str) -> Result<Option<u8>, ConfigError> {
+    let Some(count) = options.number::<u64>(key)? else {
+        return Ok(None);
+    };
+    match u8::try_from(count) {
+        Ok(count) if count <= MAX_VCPUS => Ok(Some(count)),
+        _ => Err(options.bad_value(
+            key,
+            &count.to_string(),
+            &format!("zvmm supports 1 to {MAX_VCPUS} vCPUs"),
+        )),
+    }
 }
 
 /// `1:4:1:1` as threads per core, cores per die, dies per package,
@@ -979,6 +994,10 @@ mod tests {
             parse_cpus("bot=2"),
             Err(ConfigError::UnknownKey { .. })
         ));
+        for too_many in ["1000", "boot=2,max=255"] {
+            let err = parse_cpus(too_many).unwrap_err().to_string();
+            assert!(err.contains("1 to 254 vCPUs"), "{too_many}: {err}");
+        }
         assert!(matches!(
             parse_cpus("boot=2,boot=3"),
             Err(ConfigError::DuplicateKey { .. })

@@ -35,6 +35,14 @@ pub enum FsSetupError {
         #[source]
         source: VirtiofsdError,
     },
+    /// A `socket` share names no socket.
+    #[error("--fs {label}: virtio-fs socket {socket} does not exist (is virtiofsd running?)")]
+    NoSocket {
+        /// The share.
+        label: String,
+        /// The socket path given.
+        socket: String,
+    },
     /// The device could not connect to or negotiate with its backend.
     #[error("--fs {label}")]
     Device {
@@ -70,6 +78,28 @@ impl Drop for FsDaemons {
 
 fn lock(daemon: &Mutex<Virtiofsd>) -> std::sync::MutexGuard<'_, Virtiofsd> {
     daemon.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Checks every share before the VM is set up (so nothing is printed or
+/// built for a VM that cannot start): a `path` share's directory and the
+/// virtiofsd binary, a `socket` share's socket file.
+pub fn check_shares(config: &VmConfig) -> Result<(), FsSetupError> {
+    for share in &config.fs {
+        let label = share.label();
+        if let Some(dir) = &share.path {
+            let mut options = VirtiofsdOptions::new(share.tag.clone(), dir.clone());
+            options.binary = config.virtiofsd.clone();
+            options
+                .check()
+                .map_err(|source| FsSetupError::Daemon { label, source })?;
+        } else if let Some(socket) = share.socket.as_ref().filter(|s| !s.exists()) {
+            return Err(FsSetupError::NoSocket {
+                label,
+                socket: socket.display().to_string(),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Starts this boot's shares: the daemons for `path` shares and one

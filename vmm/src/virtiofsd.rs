@@ -109,6 +109,14 @@ pub struct VirtiofsdOptions {
 }
 
 impl VirtiofsdOptions {
+    /// What [`Virtiofsd::start`] checks before it starts anything: the
+    /// binary is there and the shared directory is one (so a bad `--fs`
+    /// is refused before the VM is set up).
+    pub fn check(&self) -> Result<(), VirtiofsdError> {
+        find_binary(self.binary.as_deref())?;
+        check_shared_dir(&self.shared_dir)
+    }
+
     /// Defaults for sharing `shared_dir` as `tag`.
     pub fn new(tag: impl Into<String>, shared_dir: impl Into<PathBuf>) -> Self {
         VirtiofsdOptions {
@@ -209,10 +217,7 @@ impl StderrTail {
             reader_tail.lock().1 = true;
             reader_tail.closed.notify_all();
         };
-        if let Err(e) = std::thread::Builder::new()
-            .name("virtiofsd-log".into())
-            .spawn(reader)
-        {
+        if let Err(e) = devices::virtio::thread::spawn("virtiofsd-log".into(), reader) {
             // Without the reader the messages say less; the daemon runs.
             eprintln!("zvmm: cannot read virtiofsd's stderr: {e}");
         }
@@ -326,11 +331,14 @@ impl Virtiofsd {
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .process_group(0);
-        let mut child = command
-            .spawn()
-            .map_err(|source| VirtiofsdError::Spawn {
-                binary: binary.display().to_string(),
-                source,
+        // From the unconfined launcher: a confined thread's seccomp filter
+        // and Landlock domain would be virtiofsd's too.
+        let mut child =
+            crate::sandbox::run_unconfined(move || command.spawn()).map_err(|source| {
+                VirtiofsdError::Spawn {
+                    binary: binary.display().to_string(),
+                    source,
+                }
             })?;
         let stderr = match child.stderr.take() {
             Some(pipe) => StderrTail::spawn_reader(pipe),
@@ -580,7 +588,7 @@ fn check_shared_dir(dir: &Path) -> Result<(), VirtiofsdError> {
 }
 
 /// `$XDG_RUNTIME_DIR`, else `/run/zvmm` if it can be made, else `/tmp`.
-fn runtime_base() -> PathBuf {
+pub fn runtime_base() -> PathBuf {
     if let Some(dir) = std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from) {
         if dir.is_dir() {
             return dir;

@@ -163,6 +163,7 @@ impl Vmm {
     /// Checks `config`, opens KVM and the console's host side.
     pub fn new(mut config: VmConfig) -> Result<Self, VmError> {
         config.validate()?;
+        crate::fs::check_shares(&config)?;
         for note in config.complete() {
             eprintln!("zvmm: {note}");
         }
