@@ -10,26 +10,33 @@
 //! - [`request`]: parsing, validating and running one request.
 //! - [`device`]: [`Block`], the [`VirtioDevice`](crate::virtio::VirtioDevice)
 //!   with its feature offer and configuration space.
-//! - `worker`: the per-disk I/O thread.
+//! - `worker`: the queue threads; `pool`: the disk's I/O threads.
 //!
-//! I/O model: one thread per disk (`blk-<id>`), started on activation. It
-//! sleeps in `epoll_wait` on the queue's notification eventfd (an ioeventfd
-//! KVM signals on a kick, so a kick costs no VM exit to userspace on the
-//! vCPU side) and a stop eventfd; it then drains the available ring,
-//! running each request with one synchronous `preadv`/`pwritev` straight
-//! between the file and guest memory (no bounce buffer; a qcow2 request
-//! goes through imago, which splits it at cluster boundaries and reads or
-//! writes each piece the same way), and interrupts
-//! the driver once per batch when EVENT_IDX says it is wanted. Per request
-//! the only system calls are the I/O itself; per batch, the eventfd read,
-//! the interrupt and `epoll_wait`. This is simple and matches what the page
-//! cache does best (buffered I/O, sequential readahead, write-back). Its
-//! limit is one request in flight per disk: a deep random-read workload on
-//! a cold cache is bound by a single thread's latency. io_uring (or a pool
-//! of I/O threads) would overlap requests and batch submissions, at the
-//! cost of completion tracking and out-of-order used entries; measure
-//! first. `reset` stops and joins the thread and hands the queue eventfd
-//! back.
+//! I/O model: one queue thread per queue the driver enabled (`blk-<id>`,
+//! `blk-<id>-q<N>`), started on activation, and a pool of I/O threads per
+//! disk (`blk-<id>-io<N>`, 8 by default) shared by its queues. A queue
+//! thread sleeps in `epoll_wait` on the queue's notification eventfd (an
+//! ioeventfd KVM signals on a kick, so a kick costs no VM exit to
+//! userspace) and a stop eventfd, then takes requests off the available
+//! ring while fewer than the queue size are in flight. A read whose bytes
+//! the page cache holds it completes at once (`preadv2(RWF_NOWAIT)`: a
+//! memory copy that never waits for the device), and a lone read with
+//! nothing else in flight too; everything else goes to the pool, whose
+//! threads run it with one synchronous `preadv`/`pwritev` straight between
+//! the file and guest memory (a qcow2 request through imago, which splits
+//! it at cluster boundaries) and complete it on its queue as soon as it is
+//! done: out of order, each completion interrupting the driver when
+//! EVENT_IDX says it is wanted. A FLUSH waits for every write queued
+//! before it on any queue of the disk, then syncs. `io_threads=0` keeps
+//! the serial service zvmm had before: the queue thread runs every request
+//! itself, one at a time. Why a thread pool and not io_uring: qcow2 goes
+//! through imago's synchronous API, which needs threads anyway; on raw
+//! images the page-cache fast path already serves hot data without a
+//! thread hop, and what is left — requests that wait for the device —
+//! overlaps as well on 8 threads as in a ring at the depths guests use
+//! (see `docs/DESIGN.md` for the measurements). `reset` stops the queue
+//! threads, waits for the requests in flight (returning none of them to
+//! the used ring), joins the pool and hands the queue eventfds back.
 
 pub mod device;
 pub mod disk;
