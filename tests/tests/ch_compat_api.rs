@@ -7,9 +7,14 @@
 //! virtio-fs share on a virtiofsd the test started, rng, vsock with CID 3),
 //! `vm.info` =
 //! Created, one `vm.add-net` per NIC on a connection of its own with the
-//! tap fd attached as SCM_RIGHTS, `vm.boot`, `vm.info` = Running, the vCPU
-//! threads found by name, `vmm.shutdown`. Every JSON answer is checked
-//! against cloud-hypervisor's OpenAPI spec; the transcript is printed.
+//! tap fd attached as SCM_RIGHTS, `vm.boot`, `vm.info` = Running, the
+//! hybrid-vsock handshake with the agent (the probe listening on port
+//! 1024 as Kata's agent does: `CONNECT 1024\n`, a line starting `OK`, data
+//! both ways), the vCPU threads found by name, `vmm.shutdown`. Every JSON
+//! answer is checked against cloud-hypervisor's OpenAPI spec; the
+//! transcript is printed. `vm.add-vsock` before boot (the device joins the
+//! configuration; a second one and one after boot are refused) has a test
+//! of its own.
 //!
 //! Kata puts its virtio-fs share on PCI segment 1 of 2 (served: see
 //! `zvmm_pci_segments.rs`); here a share on segment 2 of 2 is checked to
@@ -26,7 +31,8 @@ use zvmm_tests::ch::{
     Exchange, KeepAlive,
 };
 use zvmm_tests::net::NetNs;
-use zvmm_tests::probe::{probe_elf, Flavour, ProbeReport};
+use zvmm_tests::probe::{fnv1a64, probe_elf, test_bytes, Flavour, ProbeReport};
+use zvmm_tests::vsock::{conn_by_peer, handshake, listen_seed, pattern, send_then_read, HostConn};
 use zvmm_tests::zvmm::{scratch_dir, Running};
 
 /// How long the probe gets to reach its hang.
@@ -41,6 +47,12 @@ const BOOT_VCPUS: u32 = 1;
 const MAX_VCPUS: u32 = 2;
 /// The NICs' MAC addresses.
 const MACS: [&str; 2] = ["02:4b:41:54:41:01", "02:4b:41:54:41:02"];
+/// The vsock port Kata's agent listens on.
+const AGENT_PORT: u32 = 1024;
+/// Bytes the probe answers on the agent connection.
+const AGENT_REPLY: usize = 4096;
+/// How long Kata's runtime keeps trying to reach its agent.
+const AGENT_LIMIT: Duration = Duration::from_secs(60);
 
 /// `vm.create`'s body as Kata's generated client writes it
 /// (`NewVmConfig`, `NewCpusConfig`, `NewMemoryConfig`, ... with every
@@ -51,8 +63,9 @@ fn kata_vm_config(dir: &std::path::Path, fs_socket: &std::path::Path, fs_segment
     json!({
         "payload": {
             "kernel": probe_elf(Flavour::Pvh),
-            "cmdline": "console=ttyS0 probe.action=hang panic=1 no_timer_check noreplace-smp \
-                        systemd.log_target=console",
+            "cmdline": format!("console=ttyS0 probe.action=hang panic=1 no_timer_check \
+                        noreplace-smp systemd.log_target=console probe.vsock.listen={AGENT_PORT} \
+                        probe.vsock.reply={AGENT_REPLY} probe.vsock.wait=120"),
             "initramfs": initrd,
         },
         "cpus": {
@@ -202,6 +215,16 @@ fn kata_containers_sequence_with_tap_fds_over_scm_rights() {
     assert_eq!(macs, MACS, "{info}");
     let tap_names: Vec<&str> = nets.iter().filter_map(|n| n["tap"].as_str()).collect();
     assert_eq!(tap_names, ["tap0_kata", "tap1_kata"], "{info}");
+    let vsock_socket = dir.join("clh.sock");
+    assert_eq!(config["vsock"]["socket"], json!(vsock_socket), "{info}");
+    let (mut agent, attempts) = connect_agent(&vsock_socket, &zvmm);
+    let sent = test_bytes(20_000, 0x4b41);
+    let answer = send_then_read(&mut agent, &sent).unwrap();
+    assert!(
+        answer == pattern(listen_seed(&sent), AGENT_REPLY),
+        "the agent's answer ({} bytes) is not the probe's pattern",
+        answer.len()
+    );
     assert!(
         zvmm.stdout.wait_for("probe: action name=hang", BOOT_LIMIT),
         "the probe never got to its hang:\n{}\n{}",
@@ -218,6 +241,11 @@ fn kata_containers_sequence_with_tap_fds_over_scm_rights() {
     // (the ones above boot_vcpus online-capable), the IOAPIC, the NMI.
     let madt = report.acpi_table("APIC").expect("an MADT");
     assert_eq!(madt.len, 44 + 8 * u64::from(MAX_VCPUS) + 12 + 6, "{madt:?}");
+    let seen = conn_by_peer(&report, agent.host_port).expect("the agent's report");
+    assert_eq!(seen.local, AGENT_PORT, "{seen:?}");
+    assert_eq!(seen.rx_fnv1a64, fnv1a64(&sent), "{seen:?}");
+    assert_eq!(seen.tx_bytes, AGENT_REPLY as u64, "{seen:?}");
+    assert_eq!(seen.end, "closed", "{seen:?}");
     let counters = call(&mut log, &mut pool, "GET", "vm.counters", "", &[]);
     assert_eq!(counters.status, 200, "{}", counters.line());
 
@@ -264,6 +292,13 @@ fn kata_containers_sequence_with_tap_fds_over_scm_rights() {
     for exchange in &log {
         println!("  {}", exchange.line());
     }
+    println!(
+        "  vsock {}: CONNECT {AGENT_PORT} -> OK {} (attempt {attempts}), {} bytes sent, {} answered, both checked",
+        vsock_socket.display(),
+        agent.host_port,
+        sent.len(),
+        answer.len()
+    );
     let create_index = log.iter().position(|e| e.request == create).unwrap();
     let problems = check_answers(&log, &[(create_index, "VmConfig")]);
     assert!(
@@ -273,9 +308,114 @@ fn kata_containers_sequence_with_tap_fds_over_scm_rights() {
     );
 }
 
+/// What Kata's agent client does after boot: `CONNECT 1024` on the vsock
+/// socket until a line starting `OK` comes (zvmm closes the stream when
+/// the guest's driver is not up yet). Returns the connection and the
+/// attempts it took.
+fn connect_agent(socket: &std::path::Path, zvmm: &Running) -> (HostConn, u32) {
+    let deadline = Instant::now() + AGENT_LIMIT;
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        match handshake(socket, AGENT_PORT, Duration::from_secs(10)) {
+            Ok(conn) => return (conn, attempts),
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(100)),
+            Err(why) => panic!(
+                "no agent on vsock port {AGENT_PORT} after {attempts} attempts ({why}):\n{}\n{}",
+                zvmm.stdout.text(),
+                zvmm.stderr.text()
+            ),
+        }
+    }
+}
+
 fn is_vcpu_name(name: &str) -> bool {
     name.strip_prefix("vcpu")
         .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// `vm.add-vsock` before boot with the body Kata's generated client
+/// writes (`NewVsockConfig`, every default): 204 and the device in the
+/// configuration; a second one refused (cloud-hypervisor allows one);
+/// the boot builds it (its socket appears); after boot the answer every
+/// `vm.add-*` gives then.
+#[test]
+fn vm_add_vsock_before_boot_joins_the_config() {
+    let dir = scratch_dir("ch-add-vsock");
+    let bin_dir = cloud_hypervisor_link(&dir);
+    let socket = dir.join("api.sock");
+    let mut command = Command::new(bin_dir.join("cloud-hypervisor"));
+    command.arg("--api-socket").arg(&socket);
+    let mut zvmm = Running::spawn(command);
+    let mut log = vec![wait_for_ping(&socket, Duration::from_secs(10))];
+    let mut client = KeepAlive::connect(&socket).unwrap();
+    let create = json!({
+        "payload": {"kernel": probe_elf(Flavour::Pvh), "cmdline": "console=ttyS0 probe.action=hang"},
+        "memory": {"size": MEMORY},
+        "serial": {"mode": "Tty"},
+        "console": {"mode": "Off"},
+    })
+    .to_string();
+    let created = call(&mut log, &mut client, "PUT", "vm.create", &create, &[]);
+    assert_eq!(created.status, 204, "{}", created.line());
+    let vsock_socket = dir.join("agent.sock");
+    let vsock = |cid: u32, path: &std::path::Path| {
+        json!({"cid": cid, "socket": path, "iommu": false, "pci_segment": 0, "id": "agent"})
+            .to_string()
+    };
+    let body = vsock(3, &vsock_socket);
+    let added = call(&mut log, &mut client, "PUT", "vm.add-vsock", &body, &[]);
+    assert_eq!(added.status, 204, "{}", added.line());
+    let add_index = log.len() - 1;
+    let second = vsock(4, &dir.join("other.sock"));
+    let again = call(&mut log, &mut client, "PUT", "vm.add-vsock", &second, &[]);
+    assert_eq!(again.status, 500, "{}", again.line());
+    let message = again.json()["error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(message.contains("already has a vsock"), "{message}");
+    let info = call(&mut log, &mut client, "GET", "vm.info", "", &[]).json();
+    let recorded = &info["config"]["vsock"];
+    assert_eq!(recorded["cid"], 3, "{info}");
+    assert_eq!(recorded["socket"], json!(vsock_socket), "{info}");
+    assert_eq!(recorded["id"], "agent", "{info}");
+    assert!(!vsock_socket.exists(), "bound before boot");
+
+    let booted = call(&mut log, &mut client, "PUT", "vm.boot", "", &[]);
+    assert_eq!(booted.status, 204, "{}", booted.line());
+    assert!(
+        zvmm_tests::vsock::wait_for_socket(&vsock_socket, BOOT_LIMIT),
+        "the added vsock was not built: {}",
+        zvmm.stderr.text()
+    );
+    let late_disk = json!({"path": dir.join("late.img")}).to_string();
+    let disk = call(&mut log, &mut client, "PUT", "vm.add-disk", &late_disk, &[]);
+    let late = vsock(5, &dir.join("late.sock"));
+    let after = call(&mut log, &mut client, "PUT", "vm.add-vsock", &late, &[]);
+    assert_eq!(after.status, 500, "no hotplug after boot: {}", after.line());
+    assert_eq!(
+        after.json(),
+        disk.json(),
+        "{} / {}",
+        after.line(),
+        disk.line()
+    );
+
+    let stop = call(&mut log, &mut client, "PUT", "vmm.shutdown", "", &[]);
+    assert_eq!(stop.status, 204, "{}", stop.line());
+    assert!(
+        wait_until_exited(&mut zvmm, KATA_STOP_LIMIT),
+        "still running {KATA_STOP_LIMIT:?} after vmm.shutdown"
+    );
+    assert_eq!(zvmm.finish(Duration::from_secs(1)).code(), 0);
+    assert!(!vsock_socket.exists(), "vsock socket left behind");
+    println!("vm.add-vsock transcript:");
+    for exchange in &log {
+        println!("  {}", exchange.line());
+    }
+    let problems = check_answers(&log, &[(add_index, "VsockConfig")]);
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
 }
 
 /// HTTP/1.1 keep-alive with several requests on one connection, a
