@@ -7,8 +7,10 @@
 //! - `worker`: the thread that fills the guest's buffers.
 //!
 //! I/O model: one thread per device (`rng-<id>`), started on activation.
-//! It sleeps in `epoll_wait` on the queue's notification eventfd (an
-//! ioeventfd KVM writes on a kick) and a stop eventfd. Each available chain
+//! It sleeps in `epoll_wait` on the queue's notification eventfd (which
+//! the transport writes on a kick: no ioeventfd is registered for this
+//! queue, so a VM's teardown does not wait for KVM to drop one) and a stop
+//! eventfd. Each available chain
 //! must be device-writable only; its buffers are filled with `read`s from
 //! the source straight into guest memory, at most
 //! [`MAX_REQUEST_BYTES`] per chain, and the chain is returned with the
