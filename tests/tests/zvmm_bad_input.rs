@@ -80,6 +80,8 @@ impl Files {
             &["-u", "-b", "/nonexistent/base.qcow2", "-F", "qcow2"],
         );
         qcow2("backed.qcow2", &["-b", "ok.qcow2", "-F", "qcow2"]);
+        let qcow2_header = std::fs::read(dir.join("ok.qcow2")).unwrap();
+        write("truncated.qcow2", &qcow2_header[..512]);
         create(&dir.join("disk.vmdk"), "vmdk", &[], Some("1M"));
         mkfifo(&dir.join("fifo"));
         let live = UnixListener::bind(dir.join("live.sock")).unwrap();
@@ -238,6 +240,7 @@ directory as disk | 1 | $BOOT --disk path=$D/adir | $D/adir ;; directory
 text file as disk | 1 | $BOOT --disk path=$D/text.txt | $D/text.txt ;; multiple of 512
 FIFO as disk | 1 | $BOOT --disk path=$D/fifo | $D/fifo ;; not a regular file
 qcow2 with a bogus backing file | 1 | $BOOT --disk path=$D/bogus-backing.qcow2 | $D/bogus-backing.qcow2 ;; /nonexistent/base.qcow2
+qcow2 cut after its header | 1 | $BOOT --disk path=$D/truncated.qcow2 | $D/truncated.qcow2 ;; truncated
 VMDK disk | 1 | $BOOT --disk path=$D/disk.vmdk | $D/disk.vmdk ;; VMDK ;; qemu-img convert
 gzip file as disk | 1 | $BOOT --disk path=$D/disk.gz | $D/disk.gz ;; gunzip
 writable ISO | 1 | $BOOT --disk path=$D/cd.iso | $D/cd.iso ;; readonly=on

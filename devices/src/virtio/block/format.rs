@@ -358,6 +358,20 @@ fn vmdk_descriptor_size(head: &[u8]) -> Option<u64> {
     any.then(|| sectors.saturating_mul(512))
 }
 
+/// Whether the L1 table (`l1_size` entries of 8 bytes at `l1_table_offset`)
+/// and the refcount table (`refcount_table_clusters` clusters at
+/// `refcount_table_offset`) lie inside a file of `file_size` bytes: a
+/// truncated image must not be served (writes would allocate over the
+/// missing metadata).
+fn qcow2_tables_inside(head: &[u8], cluster_bits: u32, file_size: u64) -> bool {
+    let inside = |offset: u64, len: u64| {
+        len == 0 || offset.checked_add(len).is_some_and(|end| end <= file_size)
+    };
+    let l1 = u64::from(be_u32(head, 36)) * 8;
+    let refcounts = u64::from(be_u32(head, 56)) << cluster_bits;
+    inside(be_u64(head, 40), l1) && inside(be_u64(head, 48), refcounts)
+}
+
 /// Fills the qcow2 fields of `info` from the header in `head`; a broken
 /// header is recorded in `info.defect`, only read errors fail.
 fn read_qcow2(file: &File, head: &[u8], info: &mut ImageInfo) -> io::Result<()> {
@@ -369,6 +383,12 @@ fn read_qcow2(file: &File, head: &[u8], info: &mut ImageInfo) -> io::Result<()> 
     let cluster_bits = be_u32(head, 20);
     if !(9..=21).contains(&cluster_bits) {
         info.defect = Some("qcow2 cluster size out of range");
+        return Ok(());
+    }
+    if !qcow2_tables_inside(head, cluster_bits, info.file_size) {
+        info.defect = Some(
+            "qcow2 L1 or refcount table beyond the end of the file (a truncated or damaged image)",
+        );
         return Ok(());
     }
     let incompatible = if version >= 3 { be_u64(head, 72) } else { 0 };
@@ -659,6 +679,17 @@ mod tests {
         assert!(defect(&header).contains("beyond the end"));
         header[16..20].copy_from_slice(&5000u32.to_be_bytes());
         assert!(defect(&header).contains("longer than 1023"));
+        // L1 or refcount table past the end of the file (a qcow2 image
+        // cut short after its header).
+        for (count_at, offset_at) in [(36, 40), (56, 48)] {
+            let mut header = qcow2_header(MIB, None);
+            header[count_at..count_at + 4].copy_from_slice(&1u32.to_be_bytes());
+            header[offset_at..offset_at + 8].copy_from_slice(&0x10000u64.to_be_bytes());
+            let cut = detect(&image_with(0x10000, 0, &header).path).unwrap();
+            assert!(cut.defect.unwrap().contains("beyond the end of the file"));
+            let whole = detect(&image_with(0x20000, 0, &header).path).unwrap();
+            assert_eq!(whole.defect, None);
+        }
         // A header cut short.
         let image = Image::new(0);
         std::fs::write(&image.path, b"QFI\xfb\0\0\0\x03").unwrap();
