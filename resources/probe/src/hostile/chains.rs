@@ -6,7 +6,7 @@
 //! indirect tables and an avail index far ahead of the ring.
 
 use super::live::{template, Live, Outcome, Template};
-use super::ring::{Desc, F_INDIRECT, F_NEXT, F_WRITE, INDIRECT_MAX, QUEUE_SIZE};
+use super::ring::{Desc, F_INDIRECT, F_NEXT, F_WRITE, INDIRECT_MAX};
 use super::target::Target;
 use super::Ctx;
 
@@ -229,7 +229,8 @@ fn indirect_beyond_ram(target: &Target, ctx: &Ctx) -> Outcome {
 fn chain_longer_than_queue(target: &Target, ctx: &Ctx) -> Outcome {
     run(target, ctx, |live, request| {
         let ring = live.ring();
-        for i in 0..QUEUE_SIZE {
+        let size = ring.size;
+        for i in 0..size {
             let buf = request.bufs()[usize::from(i) % request.count];
             ring.set_desc(
                 i,
@@ -237,7 +238,7 @@ fn chain_longer_than_queue(target: &Target, ctx: &Ctx) -> Outcome {
                     addr: buf.addr,
                     len: buf.len,
                     flags: F_NEXT | if buf.write { F_WRITE } else { 0 },
-                    next: (i + 1) % QUEUE_SIZE,
+                    next: (i + 1) % size,
                 },
             );
         }

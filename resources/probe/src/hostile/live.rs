@@ -3,7 +3,7 @@
 //! probe's ring pages, DRIVER_OK), the one well-formed request of each
 //! kind that the attacks then deform, and how a request ended.
 
-use super::ring::{self, Desc, Ring, F_NEXT, F_WRITE, QUEUE_SIZE, RING_QUEUES};
+use super::ring::{self, Desc, Ring, F_NEXT, F_WRITE, RING_QUEUES};
 use super::target::{Kind, Target, DRIVER_OK, NEEDS_RESET};
 use crate::io;
 
@@ -191,13 +191,11 @@ impl Live {
         }
         let mut rings: [Option<Ring>; RING_QUEUES] = [None, None, None];
         for index in 0..target.kind.queues() {
-            let ring = Ring::new(index)?;
-            if target.queue_max(index) < QUEUE_SIZE {
-                return None;
-            }
+            let size = target.ring_size(index);
+            let ring = Ring::new(index, size)?;
             target.setup_queue(
                 index,
-                QUEUE_SIZE,
+                size,
                 ring.desc_addr(),
                 ring.avail_addr(),
                 ring.used_addr(),

@@ -8,7 +8,7 @@ use core::sync::atomic::{fence, Ordering};
 
 /// Queue indexes with a ring page.
 pub const RING_QUEUES: usize = 3;
-/// Entries of every queue the probe sets up (attacks may claim others).
+/// Most entries of a queue the probe sets up (attacks may claim others).
 pub const QUEUE_SIZE: u16 = 16;
 const AVAIL_OFF: u64 = 0x400;
 const USED_OFF: u64 = 0x800;
@@ -78,10 +78,11 @@ pub struct Ring {
 }
 
 impl Ring {
-    /// The zeroed ring page of queue `index` (`None` past [`RING_QUEUES`]).
-    pub fn new(index: u16) -> Option<Ring> {
+    /// The zeroed ring page of queue `index` for `size` entries (`None`
+    /// past [`RING_QUEUES`] or above [`QUEUE_SIZE`]).
+    pub fn new(index: u16, size: u16) -> Option<Ring> {
         let index = usize::from(index);
-        if index >= RING_QUEUES {
+        if index >= RING_QUEUES || size == 0 || size > QUEUE_SIZE {
             return None;
         }
         // SAFETY: only the address is taken.
@@ -90,7 +91,7 @@ impl Ring {
         unsafe { core::ptr::write_bytes(base as *mut u8, 0, 4096) };
         Some(Ring {
             base,
-            size: QUEUE_SIZE,
+            size,
             next_avail: 0,
             last_used: 0,
         })

@@ -70,7 +70,7 @@ fn queue_size(target: &Target, _ctx: &Ctx, size: fn(u16) -> u16) -> Outcome {
     if !target.negotiate(target.plain_features()) {
         return Outcome::Refused;
     }
-    let Some(ring) = Ring::new(0) else {
+    let Some(ring) = Ring::new(0, target.ring_size(0)) else {
         return Outcome::Refused;
     };
     let bogus = size(target.queue_max(0));
@@ -113,7 +113,8 @@ fn rings(target: &Target, ctx: &Ctx, addrs: impl Fn(&Ring) -> [u64; 3]) -> Outco
     let mut request_ring = None;
     let mut used_at = 0;
     for index in 0..kind.queues() {
-        let Some(ring) = Ring::new(index) else {
+        let size = target.ring_size(index);
+        let Some(ring) = Ring::new(index, size) else {
             return Outcome::Refused;
         };
         let [desc, avail, used] = if index == kind.request_queue() {
@@ -121,7 +122,7 @@ fn rings(target: &Target, ctx: &Ctx, addrs: impl Fn(&Ring) -> [u64; 3]) -> Outco
         } else {
             [ring.desc_addr(), ring.avail_addr(), ring.used_addr()]
         };
-        target.setup_queue(index, QUEUE_SIZE, desc, avail, used);
+        target.setup_queue(index, size, desc, avail, used);
         if index == kind.request_queue() {
             request_ring = Some(ring);
             used_at = used;
@@ -259,10 +260,11 @@ fn driver_ok_without_features_ok(target: &Target, _ctx: &Ctx) -> Outcome {
     target.add_status(ACKNOWLEDGE);
     target.add_status(DRIVER);
     target.write_features(target.plain_features());
-    if let Some(ring) = Ring::new(0) {
+    let size = target.ring_size(0);
+    if let Some(ring) = Ring::new(0, size) {
         target.setup_queue(
             0,
-            QUEUE_SIZE,
+            size,
             ring.desc_addr(),
             ring.avail_addr(),
             ring.used_addr(),

@@ -4,6 +4,7 @@
 //! with no checks of its own, and the status handshake done step by step
 //! so attacks can stop or deviate anywhere.
 
+use super::ring::QUEUE_SIZE;
 use crate::io;
 use crate::pci::{self, BarKind, Bdf, Config, Function, Mmio};
 
@@ -286,6 +287,17 @@ impl Target {
         let common = self.common.mmio();
         common.write16(CC_QUEUE_SELECT, index);
         common.read16(CC_QUEUE_SIZE)
+    }
+
+    /// The size the probe gives queue `index`: [`QUEUE_SIZE`] or the
+    /// largest power of two within the device's maximum (0: no queue).
+    pub fn ring_size(&self, index: u16) -> u16 {
+        let max = self.queue_max(index).min(QUEUE_SIZE);
+        if max == 0 {
+            0
+        } else {
+            1 << (15 - max.leading_zeros())
+        }
     }
 
     /// Writes `value` to the notify address of queue `index`, whatever
