@@ -82,16 +82,14 @@ impl Vm {
         })?;
         let control = Arc::new(control);
         let served = control.clone();
-        let thread = std::thread::Builder::new()
-            .name("vmm".into())
-            .spawn(move || {
-                vmm.serve(&served);
-                served.thread_ended();
-            })
-            .map_err(|source| VmError::Host {
-                what: "the VMM thread",
-                source,
-            })?;
+        let thread = devices::virtio::thread::spawn("vmm".into(), move || {
+            vmm.serve(&served);
+            served.thread_ended();
+        })
+        .map_err(|source| VmError::Host {
+            what: "the VMM thread",
+            source,
+        })?;
         Ok(VmHandle {
             control,
             watcher,
@@ -129,6 +127,14 @@ impl VmHandle {
     /// Builds the machine and starts the vCPUs (from `Created` or
     /// `Shutdown`); returns once they run, or why they could not start.
     pub fn boot(&self) -> Result<(), ControlError> {
+        crate::sandbox::landlock::prepare(
+            &self.control.config(),
+            &crate::virtiofsd::runtime_base(),
+        )
+        .map_err(|e| VmError::Host {
+            what: "the Landlock ruleset",
+            source: std::io::Error::other(crate::sandbox::error_chain(&e)),
+        })?;
         self.act(Command::Boot)
     }
 

@@ -20,6 +20,7 @@ pub mod net;
 pub mod pci;
 pub mod platform;
 pub mod regs;
+pub mod sandbox;
 pub mod signals;
 pub mod vcpu;
 pub mod virtio_devices;

@@ -26,6 +26,8 @@ Exit status:
   5    a --fail-on pattern matched a console line (the line is printed)
   6    the guest powered off before every --expect pattern matched
   7    a virtio-fs backend (virtiofsd) died or disconnected while the VM ran
+  8    a zvmm thread made a system call its seccomp filter forbids
+       (--seccomp true); the thread and the call are printed
   124  --timeout expired (unmatched --expect patterns are listed)
   130, 143  ended by SIGINT (or Ctrl-A x on the console) / SIGTERM (with
        --shutdown-grace, a guest that powers off in time exits 0)
@@ -171,10 +173,23 @@ struct VmArgs {
     /// it recorded.
     #[arg(short = 'v', action = clap::ArgAction::Count)]
     verbose: u8,
-    /// cloud-hypervisor's seccomp mode: true, false or log. Recorded; zvmm
-    /// installs no seccomp filter yet.
+    /// Seccomp filters, one per thread kind: true (default: a forbidden
+    /// system call stops zvmm with status 8), log (allowed, logged by the
+    /// kernel) or false (none).
     #[arg(long, value_name = "true|false|log", value_parser = ["true", "false", "log"])]
     seccomp: Option<String>,
+    /// Landlock: the VM's threads reach only the paths its configuration
+    /// names. Default: on where the kernel supports Landlock; `on` (or a
+    /// bare --landlock) requires it.
+    #[arg(long, value_name = "on|off", num_args = 0..=1, default_missing_value = "on")]
+    landlock: Option<String>,
+    /// cloud-hypervisor's extra Landlock rules: refused (zvmm allows
+    /// exactly the paths the configuration names).
+    #[arg(long, value_name = "RULES", hide = true)]
+    landlock_rules: Vec<String>,
+    /// Print a thread kind's seccomp allow-list (`all`: the table) and exit.
+    #[arg(long, value_name = "KIND", hide = true)]
+    print_seccomp: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -345,10 +360,67 @@ fn describe_recorded(vm: &VmArgs) {
         return;
     }
     let seccomp = vm.seccomp.as_deref().unwrap_or("true");
+    let landlock = if !vmm::sandbox::landlock::enabled() {
+        "off".to_string()
+    } else {
+        format!("on (kernel ABI {})", vmm::sandbox::landlock::kernel_abi())
+    };
     eprintln!(
-        "zvmm: -v x{}: zvmm has one log level; --seccomp {seccomp} recorded (zvmm installs no seccomp filter yet)",
+        "zvmm: -v x{}: zvmm has one log level; --seccomp {seccomp} recorded and in force; Landlock {landlock}",
         vm.verbose
     );
+}
+
+/// `--seccomp`, `--landlock`: sets up confinement before any other thread
+/// exists; the exit status on a bad option or an unusable kernel.
+fn set_up_sandbox(vm: &VmArgs) -> Result<(), i32> {
+    use vmm::sandbox::{LandlockMode, SeccompMode};
+    if !vm.landlock_rules.is_empty() {
+        eprintln!("zvmm: --landlock-rules: zvmm takes no extra Landlock rules; it allows exactly the paths the VM's configuration names");
+        return Err(EXIT_USAGE);
+    }
+    let seccomp = SeccompMode::parse(vm.seccomp.as_deref().unwrap_or("true"));
+    let landlock = match vm.landlock.as_deref() {
+        None => Ok(LandlockMode::Auto),
+        Some(value) => LandlockMode::parse(value),
+    };
+    let (seccomp, landlock) = match (seccomp, landlock) {
+        (Ok(seccomp), Ok(landlock)) => (seccomp, landlock),
+        (Err(e), _) => return Err(usage(&e)),
+        (_, Err(e)) => return Err(usage(&e)),
+    };
+    vmm::sandbox::init(seccomp, landlock).map_err(|e| {
+        eprintln!("zvmm: {}", vmm::sandbox::error_chain(&e));
+        EXIT_ERROR
+    })
+}
+
+fn usage(e: &dyn std::error::Error) -> i32 {
+    eprintln!("zvmm: {e}");
+    EXIT_USAGE
+}
+
+/// `--print-seccomp KIND|all`.
+fn print_seccomp(kind: &str) -> i32 {
+    use vmm::sandbox::{seccomp, ThreadKind};
+    if kind == "all" {
+        print!("{}", seccomp::markdown_table());
+        return 0;
+    }
+    match ThreadKind::from_name(kind) {
+        Some(kind) => {
+            print!("{}", seccomp::describe(kind));
+            0
+        }
+        None => {
+            let kinds: Vec<&str> = ThreadKind::ALL.iter().map(|k| k.name()).collect();
+            eprintln!(
+                "zvmm: --print-seccomp {kind}: expected all or one of {}",
+                kinds.join(", ")
+            );
+            EXIT_USAGE
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -369,6 +441,14 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
     };
+    if let Some(kind) = &cli.vm.print_seccomp {
+        return ExitCode::from(print_seccomp(kind) as u8);
+    }
+    if cli.command.is_none() {
+        if let Err(status) = set_up_sandbox(&cli.vm) {
+            return ExitCode::from(status as u8);
+        }
+    }
     describe_recorded(&cli.vm);
     let status = match cli.command {
         Some(Command::Kernel(command)) => report(run_kernel_command(command)),
@@ -456,6 +536,8 @@ fn boot(config: VmConfig) -> anyhow::Result<i32> {
     let cmdline = config.payload.cmdline.clone().unwrap_or_default();
     let vm = Vm::create(config)?;
     vm.boot()?;
+    // From here the main thread only waits and reports.
+    vmm::sandbox::confine_current(vmm::sandbox::ThreadKind::Main)?;
     let report = vm.wait();
     // Closes the console and restores the terminal before printing.
     vm.quit();

@@ -187,9 +187,13 @@ impl Vcpu {
     /// Starts the vCPU's thread.
     pub fn start(self) -> Result<VcpuHandle, VcpuError> {
         let vcpu = self.index;
-        let thread = std::thread::Builder::new()
-            .name(format!("vcpu{vcpu}"))
-            .spawn(move || self.run())
+        // The VMM thread's first boot is set up: it takes the VM's
+        // Landlock domain before the guest runs.
+        crate::sandbox::landlock::restrict_current().map_err(|e| VcpuError::Spawn {
+            vcpu,
+            source: std::io::Error::other(crate::sandbox::error_chain(&e)),
+        })?;
+        let thread = devices::virtio::thread::spawn(format!("vcpu{vcpu}"), move || self.run())
             .map_err(|source| VcpuError::Spawn { vcpu, source })?;
         Ok(VcpuHandle { thread })
     }

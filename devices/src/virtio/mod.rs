@@ -126,4 +126,5 @@ pub mod block;
 pub mod fs;
 pub mod net;
 pub mod rng;
+pub mod thread;
 pub mod vsock;

@@ -172,23 +172,21 @@ impl ApiVmm {
         let events = handle.events();
         let exit = self.exit.clone();
         let failure = self.failure.clone();
-        std::thread::Builder::new()
-            .name("api-vm-events".into())
-            .spawn(move || {
-                for event in events {
-                    match event {
-                        VmEvent::Stopped(StopReason::Requested) => {}
-                        VmEvent::Stopped(reason) => exit.stop(reason),
-                        VmEvent::Failed(message) => {
-                            *failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(message);
-                            exit.stop(StopReason::Requested);
-                        }
-                        _ => continue,
+        devices::virtio::thread::spawn("api-vm-events".into(), move || {
+            for event in events {
+                match event {
+                    VmEvent::Stopped(StopReason::Requested) => {}
+                    VmEvent::Stopped(reason) => exit.stop(reason),
+                    VmEvent::Failed(message) => {
+                        *failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(message);
+                        exit.stop(StopReason::Requested);
                     }
+                    _ => continue,
                 }
-            })
-            .map(|_| ())
-            .map_err(|e| ApiError::Host(format!("the VM event thread: {e}")))
+            }
+        })
+        .map(|_| ())
+        .map_err(|e| ApiError::Host(format!("the VM event thread: {e}")))
     }
 }
 
@@ -371,7 +369,13 @@ pub fn run(socket: &Path, config: Option<VmConfig>) -> Result<StopReason, ApiErr
         .ok_or_else(|| ApiError::Host("the API socket's listener".into()))?;
     let server = server::Server::start(listener, vmm.clone())
         .map_err(|e| ApiError::Host(format!("the API server: {e}")))?;
-    let result = boot_initial(&vmm, config).and_then(|()| wait_for_exit(&exit));
+    let result = boot_initial(&vmm, config)
+        .and_then(|()| {
+            // The main thread only waits from here on.
+            crate::sandbox::confine_current(crate::sandbox::ThreadKind::Main)
+                .map_err(|e| ApiError::Host(crate::sandbox::error_chain(&e)))
+        })
+        .and_then(|()| wait_for_exit(&exit));
     server.stop();
     // Stops a VM that still runs (vmm.shutdown, signal) before the socket goes.
     let _ = vmm.delete();
@@ -485,7 +489,10 @@ mod tests {
         let config: VmConfig = serde_json::from_value(added).unwrap();
         let vsock = config.vsock.clone().expect("the vsock joined the config");
         assert_eq!(vsock.cid, 3);
-        assert_eq!(new_device(&config, "vsock").unwrap(), NewDevice::Vsock(vsock));
+        assert_eq!(
+            new_device(&config, "vsock").unwrap(),
+            NewDevice::Vsock(vsock)
+        );
         let none: VmConfig = serde_json::from_value(base).unwrap();
         assert!(new_device(&none, "vsock").is_err(), "no vsock was added");
     }

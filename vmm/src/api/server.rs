@@ -37,9 +37,9 @@ impl Server {
     pub fn start(listener: UnixListener, service: Arc<dyn Service>) -> std::io::Result<Self> {
         let stop = EventFd::new(EFD_NONBLOCK)?;
         let wake = stop.try_clone()?;
-        let thread = std::thread::Builder::new()
-            .name("api-accept".into())
-            .spawn(move || accept_loop(&listener, &wake, &service))?;
+        let thread = devices::virtio::thread::spawn("api-accept".into(), move || {
+            accept_loop(&listener, &wake, &service)
+        })?;
         Ok(Self {
             stop,
             thread: Some(thread),
@@ -94,12 +94,10 @@ fn accept_loop(listener: &UnixListener, stop: &EventFd, service: &Arc<dyn Servic
             continue;
         }
         let (service, counter) = (service.clone(), active.clone());
-        let spawned = std::thread::Builder::new()
-            .name("api-conn".into())
-            .spawn(move || {
-                serve_connection(Connection::new(stream), service.as_ref());
-                counter.fetch_sub(1, Ordering::SeqCst);
-            });
+        let spawned = devices::virtio::thread::spawn("api-conn".into(), move || {
+            serve_connection(Connection::new(stream), service.as_ref());
+            counter.fetch_sub(1, Ordering::SeqCst);
+        });
         if spawned.is_err() {
             active.fetch_sub(1, Ordering::SeqCst);
         }

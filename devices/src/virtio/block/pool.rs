@@ -13,7 +13,9 @@
 use std::collections::{BTreeSet, VecDeque};
 use std::io;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::thread::{self, JoinHandle};
+#[cfg(test)]
+use std::thread;
+use std::thread::JoinHandle;
 
 use super::request::{self, Backend, Prepared, RequestKind};
 use super::worker::QueueShared;
@@ -78,9 +80,8 @@ impl IoPool {
         };
         for n in 0..threads.max(1) {
             let shared = pool.shared.clone();
-            let thread = thread::Builder::new()
-                .name(format!("{name}-io{n}"))
-                .spawn(move || serve(&shared));
+            let thread =
+                crate::virtio::thread::spawn(format!("{name}-io{n}"), move || serve(&shared));
             match thread {
                 Ok(thread) => pool.threads.push(thread),
                 Err(e) => {

@@ -21,7 +21,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
-use std::thread::{self, JoinHandle};
+use std::thread::JoinHandle;
 
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -245,7 +245,7 @@ pub(crate) struct Worker {
 impl Worker {
     /// Starts the thread `name`; it returns the queue eventfd when stopped.
     pub fn spawn(self, name: String) -> io::Result<JoinHandle<EventFd>> {
-        thread::Builder::new().name(name).spawn(move || self.run())
+        crate::virtio::thread::spawn(name, move || self.run())
     }
 
     fn run(mut self) -> EventFd {

@@ -15,7 +15,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::thread::{self, JoinHandle};
+use std::thread::JoinHandle;
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -50,7 +50,7 @@ impl Relay {
             let event = EpollEvent::new(EventSet::IN, token as u64);
             epoll.ctl(ControlOperation::Add, fd, event)?;
         }
-        let thread = thread::Builder::new().name(name).spawn(move || {
+        let thread = crate::virtio::thread::spawn(name, move || {
             let relay = RelayLoop {
                 epoll,
                 queues,

@@ -17,7 +17,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::thread::{self, JoinHandle};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -81,9 +81,7 @@ impl Watcher {
             deadline: Mutex::new(None),
         });
         let thread_state = state.clone();
-        let thread = thread::Builder::new()
-            .name(name)
-            .spawn(move || watch(&thread_state, on_lost))?;
+        let thread = crate::virtio::thread::spawn(name, move || watch(&thread_state, on_lost))?;
         Ok(Watcher {
             state,
             thread: Some(thread),

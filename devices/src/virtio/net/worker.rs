@@ -15,7 +15,7 @@
 use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
-use std::thread::{self, JoinHandle};
+use std::thread::JoinHandle;
 
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -156,7 +156,7 @@ impl Worker {
     /// Starts the thread `name`; it returns the queue eventfds when stopped.
     pub fn spawn(mut self, name: String) -> io::Result<JoinHandle<Vec<EventFd>>> {
         self.name = name.clone();
-        thread::Builder::new().name(name).spawn(move || self.run())
+        crate::virtio::thread::spawn(name, move || self.run())
     }
 
     fn run(mut self) -> Vec<EventFd> {

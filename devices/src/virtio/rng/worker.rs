@@ -7,7 +7,7 @@ use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
-use std::thread::{self, JoinHandle};
+use std::thread::JoinHandle;
 
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{GuestMemoryBackend, Permissions, ReadVolatile, VolatileSlice};
@@ -77,9 +77,7 @@ pub(crate) struct Worker {
 impl Worker {
     /// Starts the thread `name`; it returns the queue eventfd when stopped.
     pub fn spawn(self, name: String) -> io::Result<JoinHandle<EventFd>> {
-        thread::Builder::new()
-            .name(name.clone())
-            .spawn(move || self.run(&name))
+        crate::virtio::thread::spawn(name.clone(), move || self.run(&name))
     }
 
     fn run(mut self, name: &str) -> EventFd {

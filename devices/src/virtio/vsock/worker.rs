@@ -12,7 +12,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::mpsc::{Receiver, Sender};
 use std::sync::Arc;
-use std::thread::{self, JoinHandle};
+use std::thread::JoinHandle;
 use std::time::Instant;
 
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
@@ -119,7 +119,7 @@ impl Worker {
     /// Starts the thread `name`.
     pub fn spawn(mut self, name: String) -> io::Result<JoinHandle<()>> {
         self.name = name.clone();
-        thread::Builder::new().name(name).spawn(move || self.run())
+        crate::virtio::thread::spawn(name, move || self.run())
     }
 
     fn run(mut self) {
