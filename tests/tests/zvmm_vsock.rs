@@ -5,7 +5,8 @@
 //! a host `CONNECT 1024` to a guest that never answers is closed within a
 //! bounded time; `vm.info` and `vm.counters` report the device. The
 //! protocol itself (handshake, data, credit, resets) is covered by the
-//! device's unit tests with a fake guest driver.
+//! device's unit tests with a fake guest driver, and end to end with the
+//! probe's driver by `zvmm_vsock_probe.rs`.
 
 use std::io::{Read, Write};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
