@@ -265,7 +265,7 @@ cloud-init user-data missing | 1 | $BOOT --cloud-init user-data=$D/missing.yaml 
 cloud-init dir missing | 1 | $BOOT --cloud-init dir=$D/missing-dir | cloud-init ;; $D/missing-dir
 net fd not open | 1 | $BOOT --net fd=99 | --net fd=99 ;; not open
 net tap name too long | 1 | $BOOT --net tap=abcdefghijklmnopqrstu | abcdefghijklmnopqrstu ;; 15 bytes
-more memory than the host has | 1 | $BOOT --memory 100T | 109951162777600
+more memory than any host has | 1 | $BOOT --memory 300000T | --memory ;; bytes of guest memory
 kernel inspect missing file | 1 | kernel inspect $D/missing.elf | $D/missing.elf
 kernel inspect directory | 1 | kernel inspect $D/adir | $D/adir
 kernel extract of an ELF | 1 | kernel extract $K -o $D/out.elf | $K ;; not a bzImage

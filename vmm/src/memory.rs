@@ -26,13 +26,14 @@ pub enum MemoryError {
         source: std::io::Error,
     },
     /// The mapping failed (usually: not enough address space or memory).
-    #[error("cannot map {size} bytes of guest memory")]
+    #[error("cannot map {size} bytes of guest memory; give --memory a size the host can back")]
     Map {
         /// Requested size.
         size: u64,
-        /// What vm-memory said.
+        /// The OS error under what vm-memory said (whose message
+        /// already repeats it, so the chain would say it twice).
         #[source]
-        source: vm_memory::mmap::FromRangesError,
+        source: std::io::Error,
     },
     /// KVM refused a memory slot.
     #[error("KVM refused guest memory slot {slot}")]
@@ -67,7 +68,25 @@ pub fn create_guest_ram(size: u64, shared: bool) -> Result<GuestRam, MemoryError
     crate::kernel_time::timed("mmap guest RAM", || {
         GuestMemoryMmap::from_ranges_with_files(ranges)
     })
-    .map_err(|source| MemoryError::Map { size, source })
+    .map_err(|e| MemoryError::Map {
+        size,
+        source: innermost_io_error(&e),
+    })
+}
+
+/// The last error in `error`'s source chain, as an `io::Error`.
+fn innermost_io_error(error: &(dyn std::error::Error + 'static)) -> std::io::Error {
+    let mut last = error;
+    while let Some(source) = last.source() {
+        last = source;
+    }
+    match last.downcast_ref::<std::io::Error>() {
+        Some(io) => io.raw_os_error().map_or_else(
+            || std::io::Error::new(io.kind(), io.to_string()),
+            std::io::Error::from_raw_os_error,
+        ),
+        None => std::io::Error::other(last.to_string()),
+    }
 }
 
 fn create_memfd(size: u64) -> Result<std::sync::Arc<File>, MemoryError> {
@@ -125,6 +144,23 @@ mod tests {
             ram.last_addr(),
             GuestAddress(loader::layout::FOUR_GIB + (1 << 30) - 1)
         );
+    }
+
+    /// More RAM than any x86-64 address space (256 PiB): one message, the
+    /// OS error once.
+    #[test]
+    fn too_much_ram_says_the_os_error_once() {
+        let err = create_guest_ram(1 << 58, false)
+            .err()
+            .expect("256 PiB mapped");
+        let mut chain = err.to_string();
+        let mut source = std::error::Error::source(&err);
+        while let Some(cause) = source {
+            chain.push_str(&format!(": {cause}"));
+            source = cause.source();
+        }
+        assert!(chain.contains("--memory"), "{chain}");
+        assert_eq!(chain.matches("os error").count(), 1, "{chain}");
     }
 
     #[test]
