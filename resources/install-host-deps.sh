@@ -7,9 +7,10 @@
 # cloud-init seeds zvmm builds), gdisk, dosfstools and e2fsprogs (the
 # EFI disks of resources/vm-disk/), ping and ip (network tests), Python with
 # openapi-schema-validator (REST answers against cloud-hypervisor's spec),
-# and virtiofsd (the
+# virtiofsd (the
 # virtio-fs backend zvmm starts for --fs; built from crates.io at a pinned
-# version, with its Debian build dependencies). Idempotent.
+# version, with its Debian build dependencies), and a pinned nightly with
+# cargo-fuzz (fuzz/run.sh). Idempotent.
 set -euo pipefail
 missing=()
 command -v qemu-system-x86_64 >/dev/null || missing+=(qemu-system-x86)
@@ -48,6 +49,18 @@ done
 if ! have_virtiofsd; then
     echo "install-host-deps: cargo install virtiofsd --version $VIRTIOFSD_VERSION --locked" >&2
     cargo install --quiet virtiofsd --version "$VIRTIOFSD_VERSION" --locked
+fi
+# The fuzz targets (fuzz/run.sh) build with cargo-fuzz on the nightly
+# pinned in fuzz/rust-toolchain.toml (libFuzzer needs -Zsanitizer).
+fuzz_nightly="$(sed -n 's/^channel = "\(.*\)"/\1/p' "$(dirname "$0")/../fuzz/rust-toolchain.toml")"
+CARGO_FUZZ_VERSION=0.13.2
+if ! rustup toolchain list | grep -q "^$fuzz_nightly-"; then
+    echo "install-host-deps: rustup toolchain install $fuzz_nightly" >&2
+    rustup toolchain install "$fuzz_nightly" --profile minimal
+fi
+if ! cargo fuzz --version 2>/dev/null | grep -qx "cargo-fuzz $CARGO_FUZZ_VERSION"; then
+    echo "install-host-deps: cargo install cargo-fuzz --version $CARGO_FUZZ_VERSION --locked" >&2
+    cargo install --quiet cargo-fuzz --version "$CARGO_FUZZ_VERSION" --locked
 fi
 # openapi-schema-validator (PyPI) checks the REST answers against
 # cloud-hypervisor's OpenAPI spec in the cloud-hypervisor agent tests.

@@ -11,3 +11,4 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --quiet
 cargo test --workspace --no-fail-fast
+bash fuzz/run.sh "${FUZZ_SECONDS:-20}"

@@ -359,10 +359,10 @@ impl TapSet {
         }
     }
 
-    /// Sockets standing in for tap queues in tests: ioctls are recorded,
-    /// not issued.
-    #[cfg(test)]
-    pub(crate) fn fake(fds: Vec<OwnedFd>) -> TapSet {
+    /// Sockets standing in for tap queues (unit tests, the fuzz targets):
+    /// ioctls are recorded, not issued; each fd should carry one frame per
+    /// message, as a `SOCK_SEQPACKET` pair does.
+    pub fn fake(fds: Vec<OwnedFd>) -> TapSet {
         let multi_queue = fds.len() > 1;
         let queues = fds
             .into_iter()
