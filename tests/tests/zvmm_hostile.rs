@@ -254,6 +254,11 @@ fn hostile_probe_does_not_break_zvmm_or_its_files() {
     assert_clean_exit(&run, &context);
     assert_eq!(report.panic_message(), None, "{context}");
     assert!(report.finished(), "no 'probe: done': {context}");
+    eprintln!(
+        "zvmm: hostile summary {} in {:?}",
+        report.value("hostile summary ").unwrap_or("missing"),
+        run.elapsed
+    );
     let problems = problems(&report);
     assert!(problems.is_empty(), "{problems:#?}\n{context}");
     assert_eq!(files.state(), before, "host files changed: {context}");
