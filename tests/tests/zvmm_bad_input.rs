@@ -308,9 +308,13 @@ fn cli_cases(files: &Files) -> Vec<CliCase> {
         .collect()
 }
 
+/// One file before or after a run: its path, [`FileState`] (regular files
+/// and directories) and size and mtime (anything, FIFOs included).
+type Snapshot = (String, Option<FileState>, Option<(u64, i64, i64)>);
+
 /// What a run could change of the files `args` name (size, mtime, blocks
 /// and, for regular files, content); FIFOs and sockets are never read.
-fn snapshot(args: &[String]) -> Vec<(String, Option<FileState>, Option<(u64, i64, i64)>)> {
+fn snapshot(args: &[String]) -> Vec<Snapshot> {
     let mut paths: Vec<String> = args
         .iter()
         .flat_map(|arg| {

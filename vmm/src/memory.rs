@@ -150,9 +150,7 @@ mod tests {
     /// OS error once.
     #[test]
     fn too_much_ram_says_the_os_error_once() {
-        let err = create_guest_ram(1 << 58, false)
-            .err()
-            .expect("256 PiB mapped");
+        let err = create_guest_ram(1 << 58, false).expect_err("256 PiB mapped");
         let mut chain = err.to_string();
         let mut source = std::error::Error::source(&err);
         while let Some(cause) = source {
