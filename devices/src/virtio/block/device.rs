@@ -17,7 +17,7 @@ use super::disk::SECTOR_SIZE;
 use super::image::{DiskImage, ImageError, ImageOptions, ImageType};
 use super::pool::IoPool;
 use super::request::{Backend, BlockCounters, ID_BYTES, MAX_DISCARD_SECTORS, MAX_DISCARD_SEGMENTS};
-use super::worker::{Executor, QueueShared, Worker};
+use super::worker::{Executor, Lane, QueueShared, Worker};
 use crate::virtio::{
     ActivateContext, ActivateError, GuestMemory, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
 };
@@ -405,6 +405,7 @@ fn spawn_queue(
         queue_evt,
         stop_evt: stop.try_clone()?,
         executor,
+        lane: Lane::default(),
     };
     let thread = worker.spawn(name)?;
     Ok(QueueThread {

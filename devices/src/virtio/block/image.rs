@@ -291,6 +291,11 @@ impl DiskImage {
         }
     }
 
+    /// Whether [`Self::read_at_nowait`] can ever succeed (raw images).
+    pub fn reads_nowait(&self) -> bool {
+        matches!(self.backend, Backend::Raw(_))
+    }
+
     /// Reads like [`Self::read_at`] without waiting for the device, when
     /// a raw image's bytes are all in the page cache; `false` otherwise
     /// (always for qcow2), and then nothing is read for sure.

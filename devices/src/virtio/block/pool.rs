@@ -19,6 +19,7 @@ use std::thread::JoinHandle;
 
 use super::request::{self, Backend, Prepared, RequestKind};
 use super::worker::QueueShared;
+use crate::virtio::GuestMemory;
 
 /// One request on its way through the pool.
 struct Job {
@@ -121,6 +122,24 @@ impl Submitter {
     /// The disk the pool serves.
     pub fn backend(&self) -> &Backend {
         &self.shared.backend
+    }
+
+    /// Runs `request` on the calling thread; a write is counted among
+    /// the writes in flight meanwhile, so a FLUSH queued after it waits.
+    pub fn run_inline(&self, request: &Prepared, mem: &GuestMemory) -> u32 {
+        let ticket = (request.kind() == RequestKind::Write).then(|| {
+            let mut jobs = lock(&self.shared.jobs);
+            let ticket = jobs.next_ticket;
+            jobs.next_ticket += 1;
+            lock(&self.shared.writes).insert(ticket);
+            ticket
+        });
+        let used_len = request::complete(request, mem, &self.shared.backend);
+        if let Some(ticket) = ticket {
+            lock(&self.shared.writes).remove(&ticket);
+            self.shared.write_done.notify_all();
+        }
+        used_len
     }
 
     /// Queues `request` (head `head` of `queue`, already counted in its

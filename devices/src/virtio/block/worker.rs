@@ -22,6 +22,7 @@ use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -240,6 +241,8 @@ pub(crate) struct Worker {
     pub stop_evt: EventFd,
     /// Who runs the requests.
     pub executor: Executor,
+    /// Whether likely-fast requests run on this thread.
+    pub lane: Lane,
 }
 
 impl Worker {
@@ -310,28 +313,85 @@ impl Worker {
                     self.shared.finish(&done);
                 }
                 Executor::Pool(pool) => {
-                    let mem = self.shared.mem();
-                    let backend = pool.backend();
-                    // A lone read with nothing else in flight gains nothing
-                    // from another thread but the hand-over's latency.
-                    let alone = batch.len() == 1 && self.shared.in_flight() == 1;
-                    let mut done = Vec::new();
-                    for (head, req) in batch {
-                        let cached = request::try_complete_cached(&req, mem, backend);
-                        match cached {
-                            Some(used_len) => done.push((head, used_len)),
-                            None if alone && req.kind() == RequestKind::Read => {
-                                done.push((head, request::complete(&req, mem, backend)));
-                            }
-                            None => pool.submit(&self.shared, head, req),
-                        }
-                    }
-                    if !done.is_empty() {
-                        self.shared.finish(&done);
-                    }
+                    let pool = pool.clone();
+                    self.dispatch_pooled(&pool, batch);
                 }
             }
         }
+    }
+
+    /// Runs on this thread what is known or likely to be fast, hands the
+    /// rest to the pool, and returns what completed here.
+    fn dispatch_pooled(&mut self, pool: &Submitter, batch: Vec<(u16, Prepared)>) {
+        let mem = self.shared.mem();
+        let backend = pool.backend();
+        // A lone read with nothing else in flight gains nothing from
+        // another thread but the hand-over's latency.
+        let alone = batch.len() == 1 && self.shared.in_flight() == 1;
+        let mut done = Vec::new();
+        for (head, req) in batch {
+            if let Some(used_len) = request::try_complete_cached(&req, mem, backend) {
+                done.push((head, used_len));
+                continue;
+            }
+            let kind = req.kind();
+            // Whether a raw read would wait is known (it did not come from
+            // the page cache); for writes and qcow2 reads only the lane
+            // guesses.
+            let known_slow = kind == RequestKind::Read && backend.disk.reads_nowait();
+            let inline = match kind {
+                RequestKind::Other => true,
+                RequestKind::Flush => false,
+                RequestKind::Read if alone => true,
+                _ => !known_slow && self.lane.open(),
+            };
+            if inline {
+                let start = Instant::now();
+                done.push((head, pool.run_inline(&req, mem)));
+                if kind != RequestKind::Other {
+                    self.lane.record(start.elapsed());
+                }
+            } else {
+                self.lane.passed();
+                pool.submit(&self.shared, head, req);
+            }
+        }
+        if !done.is_empty() {
+            self.shared.finish(&done);
+        }
+    }
+}
+
+/// Whether the queue thread runs requests it cannot know to be fast (a
+/// write, a qcow2 read) itself: yes while they have been, each within
+/// [`Lane::FAST`]; after a slower one, the next [`Lane::REPROBE`] go to
+/// the pool. Requests served from the page cache cost less than handing
+/// them to another thread; requests that wait for the device must not
+/// hold up the queue.
+#[derive(Debug, Default)]
+pub(crate) struct Lane {
+    shut_for: u32,
+}
+
+impl Lane {
+    /// Longest a request run on the queue thread may take to keep the
+    /// lane open (a page-cache copy takes a few microseconds).
+    const FAST: Duration = Duration::from_micros(50);
+    /// Requests sent to the pool before the lane is tried again.
+    const REPROBE: u32 = 64;
+
+    fn open(&self) -> bool {
+        self.shut_for == 0
+    }
+
+    fn record(&mut self, took: Duration) {
+        if took > Self::FAST {
+            self.shut_for = Self::REPROBE;
+        }
+    }
+
+    fn passed(&mut self) {
+        self.shut_for = self.shut_for.saturating_sub(1);
     }
 }
 
@@ -383,6 +443,20 @@ mod tests {
         assert_eq!(lock(&shared.flow).in_flight, 0);
         shared.wait_idle();
         assert_eq!(shared.wait_for_room(), None);
+    }
+
+    #[test]
+    fn the_lane_shuts_after_a_slow_request_and_reopens_later() {
+        let mut lane = Lane::default();
+        assert!(lane.open());
+        lane.record(Duration::from_micros(5));
+        assert!(lane.open());
+        lane.record(Duration::from_millis(2));
+        for _ in 0..Lane::REPROBE {
+            assert!(!lane.open());
+            lane.passed();
+        }
+        assert!(lane.open());
     }
 
     #[test]
