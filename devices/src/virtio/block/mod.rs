@@ -20,8 +20,9 @@
 //! userspace) and a stop eventfd, then takes requests off the available
 //! ring while fewer than the queue size are in flight. A read whose bytes
 //! the page cache holds it completes at once (`preadv2(RWF_NOWAIT)`: a
-//! memory copy that never waits for the device), and a lone read with
-//! nothing else in flight too; everything else goes to the pool, whose
+//! memory copy that never waits for the device), a lone read with
+//! nothing else in flight, and writes and qcow2 reads while they stay
+//! fast (`worker::Lane`); everything else goes to the pool, whose
 //! threads run it with one synchronous `preadv`/`pwritev` straight between
 //! the file and guest memory (a qcow2 request through imago, which splits
 //! it at cluster boundaries) and complete it on its queue as soon as it is
