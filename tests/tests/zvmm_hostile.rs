@@ -264,6 +264,53 @@ fn hostile_probe_does_not_break_zvmm_or_its_files() {
     assert_eq!(files.state(), before, "host files changed: {context}");
 }
 
+/// The ring attacks on virtio-fs (`probe.hostile.fs_rings=on`) reach
+/// virtiofsd, which exits on a malformed chain: zvmm must end the VM the
+/// way it ends it for any daemon that dies (status 7, the daemon's exit
+/// named), not by a seccomp trap (the watcher thread reaps the daemon) or
+/// a panic, remove its runtime directory and leave the share unchanged.
+#[test]
+fn hostile_fs_ring_attacks_end_the_vm_cleanly() {
+    let dir = scratch_dir("hostile-fs-rings");
+    let share = dir.join("share");
+    std::fs::create_dir(&share).unwrap();
+    std::fs::write(share.join("kept.txt"), b"untouched\n").unwrap();
+    let before = FileState::of(&share.join("kept.txt"));
+    let run_dir = dir.join("run");
+    std::fs::create_dir(&run_dir).unwrap();
+    let virtiofsd = virtiofsd_bin().unwrap_or_else(|e| panic!("{e}"));
+    let mut command = std::process::Command::new(zvmm_bin());
+    command
+        .env("XDG_RUNTIME_DIR", &run_dir)
+        .arg("--kernel")
+        .arg(probe_elf(Flavour::Pvh))
+        .args(["--memory", "256M", "--timeout", VM_TIMEOUT, "--fs"])
+        .arg(format!("tag=hostile,path={}", share.display()))
+        .arg("--virtiofsd")
+        .arg(virtiofsd)
+        .args([
+            "--cmdline",
+            "console=ttyS0 probe.mode=hostile probe.hostile.only=fs probe.hostile.fs_rings=on",
+        ]);
+    let run = Running::spawn(command).finish(LIMIT);
+    let context = format!("{run:#?}");
+    use std::os::unix::process::ExitStatusExt;
+    let status = run
+        .status
+        .unwrap_or_else(|| panic!("zvmm hung (killed at the limit): {context}"));
+    assert_eq!(status.signal(), None, "zvmm died by a signal: {context}");
+    assert!(!run.stderr.contains("panicked"), "zvmm panicked: {context}");
+    assert!(!run.stderr.contains("seccomp"), "seccomp trap: {context}");
+    assert_eq!(status.code(), Some(7), "{context}");
+    assert!(run.stderr.contains("virtiofsd"), "{context}");
+    let left: Vec<_> = std::fs::read_dir(&run_dir).unwrap().collect();
+    assert!(
+        left.is_empty(),
+        "runtime directory left: {left:?}: {context}"
+    );
+    assert_eq!(FileState::of(&share.join("kept.txt")), before, "{context}");
+}
+
 /// The same probe under QEMU q35 (virtio-blk attacked, virtio-rng checked):
 /// informative, QEMU's answers are printed, not asserted; only that the run
 /// got to the summary (set-up installs QEMU, so a missing one fails). The
