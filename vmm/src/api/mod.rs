@@ -356,6 +356,7 @@ impl server::Service for ApiVmm {
 /// boots `config` first when given. Returns why the process ends.
 pub fn run(socket: &Path, config: Option<VmConfig>) -> Result<StopReason, ApiError> {
     let mut socket = ApiSocket::bind(socket)?;
+    crate::sandbox::landlock::allow_api_socket(&socket.path);
     signals::install().map_err(|e| ApiError::Host(format!("signal handlers: {e}")))?;
     let exit = Arc::new(Lifecycle::new().map_err(|e| ApiError::Host(format!("an eventfd: {e}")))?);
     let vmm = Arc::new(ApiVmm {

@@ -79,6 +79,19 @@ static MODE: AtomicU8 = AtomicU8::new(MODE_OFF);
 /// The ruleset every VM thread restricts itself with, once prepared.
 static RULESET: Mutex<Option<RulesetCreated>> = Mutex::new(None);
 
+/// Paths the process needs besides the VM's configuration (the API
+/// socket), registered before the first boot.
+static EXTRA: Mutex<Vec<(PathBuf, Reach)>> = Mutex::new(Vec::new());
+
+/// Lets the VM threads and the main thread remove the API socket `path`
+/// at exit (its directory: bind and remove sockets only).
+pub fn allow_api_socket(path: &Path) {
+    if let Some(dir) = path.parent() {
+        let mut extra = EXTRA.lock().unwrap_or_else(|p| p.into_inner());
+        extra.push((non_empty(dir).to_path_buf(), Reach::SocketDir));
+    }
+}
+
 thread_local! {
     static RESTRICTED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
@@ -289,7 +302,10 @@ pub fn prepare(config: &VmConfig, virtiofsd_runtime: &Path) -> Result<(), Landlo
     if ruleset.is_some() {
         return Ok(());
     }
-    let rules = PathRules::for_config(config, virtiofsd_runtime);
+    let mut rules = PathRules::for_config(config, virtiofsd_runtime);
+    for (path, reach) in EXTRA.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+        rules.add(path.clone(), *reach);
+    }
     *ruleset = Some(create(&rules).map_err(LandlockError::Ruleset)?);
     Ok(())
 }

@@ -83,24 +83,24 @@ const VCPU_IOCTLS: &[(&str, u64)] = &[
     ("KVM_IRQFD", ioc(WRITE, 0x76, 32)),
     ("KVM_IOEVENTFD", ioc(WRITE, 0x79, 64)),
     ("KVM_SIGNAL_MSI", ioc(WRITE, 0xa5, 32)),
-    ("TUNSETOFFLOAD", libc::TUNSETOFFLOAD as u64),
-    ("TUNSETVNETHDRSZ", libc::TUNSETVNETHDRSZ as u64),
-    ("TUNSETQUEUE", libc::TUNSETQUEUE as u64),
-    ("FIONBIO", libc::FIONBIO as u64),
-    ("FIOCLEX", libc::FIOCLEX as u64),
+    ("TUNSETOFFLOAD", libc::TUNSETOFFLOAD),
+    ("TUNSETVNETHDRSZ", libc::TUNSETVNETHDRSZ),
+    ("TUNSETQUEUE", libc::TUNSETQUEUE),
+    ("FIONBIO", libc::FIONBIO),
+    ("FIOCLEX", libc::FIOCLEX),
 ];
 
 const TERMINAL_IOCTLS: &[(&str, u64)] = &[
-    ("TCGETS", libc::TCGETS as u64),
-    ("TCSETS", libc::TCSETS as u64),
-    ("TCSETSW", libc::TCSETSW as u64),
-    ("TCSETSF", libc::TCSETSF as u64),
+    ("TCGETS", libc::TCGETS),
+    ("TCSETS", libc::TCSETS),
+    ("TCSETSW", libc::TCSETSW),
+    ("TCSETSF", libc::TCSETSF),
 ];
 
 const VSOCK_IOCTLS: &[(&str, u64)] = &[
-    ("FIONBIO", libc::FIONBIO as u64),
-    ("FIONREAD", libc::FIONREAD as u64),
-    ("FIOCLEX", libc::FIOCLEX as u64),
+    ("FIONBIO", libc::FIONBIO),
+    ("FIONREAD", libc::FIONREAD),
+    ("FIOCLEX", libc::FIOCLEX),
 ];
 
 /// Building a VM (each boot, also on reboot) and running its event loop:
