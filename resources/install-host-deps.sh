@@ -25,6 +25,7 @@ command -v mkfs.fat >/dev/null || missing+=(dosfstools)
 command -v debugfs >/dev/null || missing+=(e2fsprogs)
 { command -v ping && command -v ip; } >/dev/null || missing+=(iputils-ping iproute2)
 python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3 python3-venv)
+command -v c++ >/dev/null || missing+=(g++) # libfuzzer-sys builds libFuzzer (fuzz/)
 VIRTIOFSD_VERSION=1.14.0
 virtiofsd_bin="${CARGO_HOME:-$HOME/.cargo}/bin/virtiofsd"
 have_virtiofsd() {
