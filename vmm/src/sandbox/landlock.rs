@@ -241,7 +241,17 @@ fn qcow2_backing_chain(image: &Path) -> Vec<PathBuf> {
 
 fn qcow2_backing_name(image: &Path) -> Option<String> {
     use std::io::{Seek, SeekFrom};
-    let mut file = File::open(image).ok()?;
+    use std::os::unix::fs::OpenOptionsExt;
+    // Non-blocking and regular files only: opening a FIFO given as a disk
+    // would wait for a writer forever (the disk's own open refuses it).
+    let mut file = File::options()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(image)
+        .ok()?;
+    if !file.metadata().ok()?.is_file() {
+        return None;
+    }
     let mut header = [0u8; 20];
     file.read_exact(&mut header).ok()?;
     if header[..4] != *b"QFI\xfb" {
@@ -363,6 +373,21 @@ pub fn selftest() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A FIFO named as a disk is not opened for reading (that would block
+    /// until a writer came); a directory is no qcow2 either.
+    #[test]
+    fn a_fifo_or_directory_disk_has_no_backing_chain_and_does_not_block() {
+        let dir = std::env::temp_dir().join(format!("zvmm-landlock-fifo-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let fifo = dir.join("disk.fifo");
+        let c_path = std::ffi::CString::new(fifo.display().to_string()).unwrap();
+        // SAFETY: `c_path` is a valid NUL-terminated string for the call.
+        assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+        assert_eq!(qcow2_backing_chain(&fifo), Vec::<PathBuf>::new());
+        assert_eq!(qcow2_backing_chain(&dir), Vec::<PathBuf>::new());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
     use crate::config::{ConsoleConfig, DiskConfig};
 
     fn disk(path: &Path, readonly: bool) -> DiskConfig {
