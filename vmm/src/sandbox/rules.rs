@@ -104,7 +104,9 @@ const VSOCK_IOCTLS: &[(&str, u64)] = &[
 ];
 
 /// Building a VM (each boot, also on reboot) and running its event loop:
-/// files and images, sockets, KVM, memory, virtiofsd's supervision.
+/// files and images, sockets, KVM, memory, virtiofsd's supervision. Also
+/// `api-conn`'s list: `vm.create` opens KVM, taps, ptys and builds the
+/// cloud-init seed on that thread, and `vm.boot` prepares Landlock there.
 const VMM: &[&str] = &[
     // files, images, directories
     "openat",
@@ -183,88 +185,8 @@ const VMM: &[&str] = &[
     "kill",
     "wait4",
     "waitid",
-    // Landlock on the VMM thread itself, after its first set-up
-    "prctl",
-    "landlock_restrict_self",
-];
-
-/// `api-conn` creates VMs (`vm.create` opens KVM, taps, ptys and builds
-/// the cloud-init seed on this thread) and prepares their Landlock rules
-/// (`vm.boot`): the VMM thread's list and Landlock's ruleset calls.
-const API_CONN: &[&str] = &[
-    "openat",
-    "open",
-    "readv",
-    "writev",
-    "pread64",
-    "pwrite64",
-    "preadv",
-    "pwritev",
-    "lseek",
-    "fstat",
-    "newfstatat",
-    "statx",
-    "access",
-    "faccessat",
-    "faccessat2",
-    "readlink",
-    "readlinkat",
-    "getdents64",
-    "mkdir",
-    "mkdirat",
-    "rmdir",
-    "unlink",
-    "unlinkat",
-    "rename",
-    "renameat2",
-    "chmod",
-    "fchmod",
-    "fchmodat",
-    "ftruncate",
-    "fallocate",
-    "fsync",
-    "fdatasync",
-    "flock",
-    "dup",
-    "dup3",
-    "pipe2",
-    "memfd_create",
-    "getcwd",
-    "uname",
-    "statfs",
-    "fstatfs",
-    "prlimit64",
-    "getuid",
-    "geteuid",
-    "getgid",
-    "getegid",
-    "epoll_create1",
-    "epoll_ctl",
-    "epoll_wait",
-    "epoll_pwait",
-    "poll",
-    "ppoll",
-    "eventfd2",
-    "timerfd_create",
-    "timerfd_settime",
-    "timerfd_gettime",
-    "socket",
-    "socketpair",
-    "bind",
-    "listen",
-    "connect",
-    "accept4",
-    "sendmsg",
-    "recvmsg",
-    "sendto",
-    "recvfrom",
-    "shutdown",
-    "getsockopt",
-    "setsockopt",
-    "getsockname",
-    "kill",
-    "wait4",
-    "waitid",
+    // Landlock: the VMM thread restricts itself after its first set-up;
+    // `api-conn` (same list) builds the rules at `vm.boot`
     "prctl",
     "landlock_create_ruleset",
     "landlock_add_rule",
@@ -387,7 +309,7 @@ pub fn allow_list(kind: ThreadKind) -> AllowList {
         ThreadKind::ApiAccept => ("takes API connections", API_ACCEPT, Ioctls::None),
         ThreadKind::ApiConn => (
             "serves one API connection; vm.create builds the VM here",
-            API_CONN,
+            VMM,
             Ioctls::Any,
         ),
         ThreadKind::ApiVmEvents => ("forwards the VM's stop", &[], Ioctls::None),
