@@ -5,22 +5,10 @@
 
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::process::Command;
 
 /// Runs `qemu-img ARGS`, which must succeed; returns its stdout.
 pub fn qemu_img(args: &[&str]) -> String {
-    let output = Command::new("qemu-img")
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| {
-            panic!("cannot run qemu-img ({e}); install qemu-utils (resources/install-host-deps.sh)")
-        });
-    assert!(
-        output.status.success(),
-        "qemu-img {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).into_owned()
+    crate::image_tools::qemu_img(args)
 }
 
 /// `qemu-img create -q -f FORMAT [OPTIONS...] PATH [SIZE]`.

@@ -83,6 +83,24 @@ pub fn probe_dir() -> PathBuf {
         .join("probe")
 }
 
+/// zvmm's arguments for the PVH probe on 128 MiB with its serial on
+/// stdio and a 60 s timeout, then `extra`: the probe runs its checks and
+/// powers off.
+pub fn probe_stdio_args(extra: &[String]) -> Vec<String> {
+    let mut args = vec![
+        "--kernel".to_string(),
+        probe_elf(Flavour::Pvh).display().to_string(),
+        "--memory".into(),
+        "128M".into(),
+        "--serial".into(),
+        "stdio".into(),
+        "--timeout".into(),
+        "60".into(),
+    ];
+    args.extend(extra.iter().cloned());
+    args
+}
+
 /// Builds both probe flavours (once per process) and returns the path of
 /// `flavour`'s ELF. Panics with the build error: meant for tests.
 pub fn probe_elf(flavour: Flavour) -> PathBuf {

@@ -11,7 +11,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use zvmm_tests::fs::virtiofsd_bin;
-use zvmm_tests::probe::{probe_elf, Flavour};
+use zvmm_tests::probe::probe_stdio_args;
 use zvmm_tests::zvmm::{run_with_limit, run_zvmm, scratch_dir, zvmm_bin, Finished};
 
 const LIMIT: Duration = Duration::from_secs(90);
@@ -25,21 +25,6 @@ fn require_landlock() {
         "this kernel has no Landlock (landlock_create_ruleset: {}); the Landlock tests need it",
         std::io::Error::last_os_error()
     );
-}
-
-fn probe_args(extra: &[String]) -> Vec<String> {
-    let mut args = vec![
-        "--kernel".to_string(),
-        probe_elf(Flavour::Pvh).display().to_string(),
-        "--memory".into(),
-        "128M".into(),
-        "--serial".into(),
-        "stdio".into(),
-        "--timeout".into(),
-        "60".into(),
-    ];
-    args.extend(extra.iter().cloned());
-    args
 }
 
 fn run_selftest(path: &Path, args: &[String]) -> Finished {
@@ -73,7 +58,7 @@ fn a_path_outside_the_configuration_cannot_be_opened() {
     let dir = scratch_dir("landlock-outside");
     let outside = dir.join("secret");
     std::fs::write(&outside, b"not for the VM").unwrap();
-    let run = run_selftest(&outside, &probe_args(&devices(&dir)));
+    let run = run_selftest(&outside, &probe_stdio_args(&devices(&dir)));
     assert_eq!(run.code(), 0, "{run:#?}");
     let expected = format!(
         "zvmm: landlock self-test: cannot open {}: Permission denied",
@@ -81,7 +66,7 @@ fn a_path_outside_the_configuration_cannot_be_opened() {
     );
     assert!(run.stderr.contains(&expected), "{run:#?}");
     // The same file opens without Landlock: the refusal was Landlock's.
-    let mut args = probe_args(&devices(&dir));
+    let mut args = probe_stdio_args(&devices(&dir));
     args.extend(["--landlock".into(), "off".into()]);
     let run = run_selftest(&outside, &args);
     assert_eq!(run.code(), 0, "{run:#?}");
@@ -93,7 +78,7 @@ fn a_path_outside_the_configuration_cannot_be_opened() {
 fn a_path_the_configuration_names_can_be_opened() {
     require_landlock();
     let dir = scratch_dir("landlock-inside");
-    let args = probe_args(&devices(&dir));
+    let args = probe_stdio_args(&devices(&dir));
     let disk = dir.join("disk.img");
     let run = run_selftest(&disk, &args);
     assert_eq!(run.code(), 0, "{run:#?}");
@@ -111,7 +96,7 @@ fn a_path_the_configuration_names_can_be_opened() {
 fn a_boot_with_disk_share_and_vsock_works_with_landlock_on() {
     require_landlock();
     let dir = scratch_dir("landlock-boot");
-    let mut args = probe_args(&devices(&dir));
+    let mut args = probe_stdio_args(&devices(&dir));
     args.extend(["--landlock".into(), "on".into()]);
     let run = run_zvmm(&args, LIMIT);
     assert_eq!(run.code(), 0, "{run:#?}");
@@ -122,7 +107,7 @@ fn a_boot_with_disk_share_and_vsock_works_with_landlock_on() {
 #[test]
 fn landlock_options_are_checked() {
     let dir = scratch_dir("landlock-options");
-    let mut args = probe_args(&[]);
+    let mut args = probe_stdio_args(&[]);
     args.extend([
         "--landlock-rules".into(),
         format!("path={},access=rw", dir.display()),
@@ -130,7 +115,7 @@ fn landlock_options_are_checked() {
     let run = run_zvmm(&args, LIMIT);
     assert_eq!(run.code(), 2, "{run:#?}");
     assert!(run.stderr.contains("--landlock-rules"), "{run:#?}");
-    let mut args = probe_args(&[]);
+    let mut args = probe_stdio_args(&[]);
     args.extend(["--landlock".into(), "maybe".into()]);
     let run = run_zvmm(&args, LIMIT);
     assert_eq!(run.code(), 2, "{run:#?}");

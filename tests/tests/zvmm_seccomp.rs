@@ -13,28 +13,12 @@ use std::time::Duration;
 
 use zvmm_tests::fs::virtiofsd_bin;
 use zvmm_tests::net::NetNs;
-use zvmm_tests::probe::{probe_elf, Flavour};
+use zvmm_tests::probe::probe_stdio_args;
 use zvmm_tests::zvmm::{run_with_limit, scratch_dir, spawn_zvmm, zvmm_bin, Finished, Running};
 
 const LIMIT: Duration = Duration::from_secs(90);
 /// Exit status for a forbidden system call.
 const EXIT_SECCOMP: i32 = 8;
-
-/// The probe with `extra` options, powering off when done.
-fn probe_args(extra: &[String]) -> Vec<String> {
-    let mut args = vec![
-        "--kernel".to_string(),
-        probe_elf(Flavour::Pvh).display().to_string(),
-        "--memory".into(),
-        "128M".into(),
-        "--serial".into(),
-        "stdio".into(),
-        "--timeout".into(),
-        "60".into(),
-    ];
-    args.extend(extra.iter().cloned());
-    args
-}
 
 fn with_selftest(mut command: Command, kind: &str) -> Command {
     command.env("ZVMM_SECCOMP_SELFTEST", kind);
@@ -82,7 +66,7 @@ fn disk_and_vsock(dir: &Path) -> Vec<String> {
 #[test]
 fn a_forbidden_call_from_each_vm_thread_kind_stops_zvmm_naming_it() {
     let dir = scratch_dir("seccomp-kinds");
-    let args = probe_args(&disk_and_vsock(&dir));
+    let args = probe_stdio_args(&disk_and_vsock(&dir));
     let cases = [
         ("main", "main", false),
         ("vmm", "vmm", false),
@@ -103,7 +87,7 @@ fn a_forbidden_call_from_the_virtio_fs_threads_stops_zvmm() {
     let share = dir.join("share");
     std::fs::create_dir_all(&share).unwrap();
     let virtiofsd = virtiofsd_bin().unwrap_or_else(|e| panic!("{e}"));
-    let args = probe_args(&[
+    let args = probe_stdio_args(&[
         "--fs".into(),
         format!("tag=t,path={}", share.display()),
         "--virtiofsd".into(),
@@ -127,7 +111,7 @@ fn a_forbidden_call_from_a_nic_worker_stops_zvmm() {
     ns.add_tap("zstap0", "10.78.0.1/24")
         .unwrap_or_else(|e| panic!("{e}"));
     let mut command = ns.command(zvmm_bin());
-    command.args(probe_args(&["--net".into(), "tap=zstap0".into()]));
+    command.args(probe_stdio_args(&["--net".into(), "tap=zstap0".into()]));
     let run = Running::spawn(with_selftest(command, "net")).finish(LIMIT);
     assert_stopped(&run, "net-", true);
 }
@@ -147,7 +131,7 @@ fn a_forbidden_call_from_each_api_thread_stops_zvmm() {
     assert_stopped(&run, "api-accept", false);
 
     // api-vm-events starts with the command line's VM.
-    let mut with_vm = probe_args(&[]);
+    let mut with_vm = probe_stdio_args(&[]);
     with_vm.extend(api("events.sock"));
     let run = run_selftest("api-vm-events", &with_vm);
     assert_stopped(&run, "api-vm-events", false);
@@ -172,7 +156,7 @@ fn a_forbidden_call_from_each_api_thread_stops_zvmm() {
 fn log_and_false_let_the_forbidden_call_through() {
     let dir = scratch_dir("seccomp-modes");
     for mode in ["log", "false"] {
-        let mut args = probe_args(&disk_and_vsock(&dir));
+        let mut args = probe_stdio_args(&disk_and_vsock(&dir));
         args.extend(["--seccomp".into(), mode.into()]);
         let run = run_selftest("vcpu", &args);
         assert_eq!(run.code(), 0, "--seccomp {mode}: {run:#?}");

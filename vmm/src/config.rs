@@ -764,7 +764,7 @@ pub fn parse_pit(input: &str) -> Result<bool, ConfigError> {
 
 /// Splits an option string at commas outside brackets, so a list value
 /// such as `fd=[3,4]` stays one item.
-fn split_items(input: &str) -> Vec<&str> {
+pub(crate) fn split_items(input: &str) -> Vec<&str> {
     let mut items = Vec::new();
     let (mut depth, mut start) = (0usize, 0);
     for (at, c) in input.char_indices() {

@@ -479,7 +479,7 @@ const CLI_DEFAULTS: &[(&str, &str, &[&str], &str)] = &[
 /// does not take removed; a non-default value of such a key is refused.
 pub fn cli_option(option: &'static str, input: &str) -> Result<String, ConfigError> {
     let mut kept = Vec::new();
-    for item in split_items(input) {
+    for item in crate::config::split_items(input) {
         let Some((key, value)) = item.split_once('=') else {
             kept.push(item);
             continue;
@@ -503,25 +503,6 @@ pub fn cli_option(option: &'static str, input: &str) -> Result<String, ConfigErr
         }
     }
     Ok(kept.join(","))
-}
-
-/// Splits an option string at commas outside brackets (`fd=[3,4]`).
-fn split_items(input: &str) -> Vec<&str> {
-    let mut items = Vec::new();
-    let (mut depth, mut start) = (0usize, 0);
-    for (at, c) in input.char_indices() {
-        match c {
-            '[' => depth += 1,
-            ']' => depth = depth.saturating_sub(1),
-            ',' if depth == 0 => {
-                items.push(&input[start..at]);
-                start = at + 1;
-            }
-            _ => {}
-        }
-    }
-    items.push(&input[start..]);
-    items
 }
 
 #[cfg(test)]
