@@ -110,7 +110,9 @@ struct VmArgs {
     #[arg(long)]
     boot_timer: bool,
     /// virtio-blk disk: `path=FILE[,readonly=on][,image_type=raw|qcow2]
-    /// [,backing_files=on|off][,serial=S][,id=ID]`; repeat the option or give
+    /// [,backing_files=on|off][,num_queues=N][,queue_size=Q][,serial=S]
+    /// [,pci_segment=S][,id=ID]` (num_queues 1-64, default 1; queue_size a
+    /// power of two 4-32768, default 256); repeat the option or give
     /// several values after one --disk. FILE is a raw or qcow2 image (its
     /// backing files opened read-only, shared with other VMs; refused with
     /// backing_files=off) or a block device. The format is
